@@ -1,0 +1,7 @@
+"""`python -m orchestrator ...` is the same program as the `speechlm` console script."""
+
+import sys
+
+from orchestrator.cli import main
+
+sys.exit(main())

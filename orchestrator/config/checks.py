@@ -1,0 +1,135 @@
+"""Checks that span several keys, run after the schema has typed every value.
+
+Each check appends a message that names the key, the value received and how to fix it; nothing raises
+here, so one `speechlm validate` run lists every problem.
+"""
+
+from __future__ import annotations
+
+import re
+
+from orchestrator.config.schema import DatasetConfig, ExperimentConfig
+from orchestrator.config.targets import target_problem
+from speech_models.config import ConformerConfig
+
+
+def check_experiment(cfg: ExperimentConfig, problems: list[str]) -> None:
+    """Append every cross-key problem of `cfg` to `problems`."""
+    _check_trainer(cfg, problems)
+    _check_model(cfg, problems)
+    _check_dataset(cfg.data.train_ds, "data.train_ds", problems)
+    if cfg.data.validation_ds is not None:
+        if not cfg.data.validation_ds.datasets:
+            problems.append(
+                "data.validation_ds.datasets: no validation set; add one, e.g. "
+                "datasets: {dev: {shar_path: /path/to/dev}}, or remove validation_ds"
+            )
+        for name, ds in cfg.data.validation_ds.datasets.items():
+            _check_dataset(ds, f"data.validation_ds.datasets.{name}", problems)
+
+
+def _check_trainer(cfg: ExperimentConfig, problems: list[str]) -> None:
+    t = cfg.trainer
+    for key in ("max_steps", "log_every_n_steps", "val_check_interval", "accumulate_grad_batches", "num_nodes"):
+        if getattr(t, key) < 1:
+            problems.append(f"trainer.{key}: {getattr(t, key)} must be at least 1")
+    if t.devices == 0 or t.devices < -1:
+        problems.append(f"trainer.devices: {t.devices} must be a positive worker count per node, or -1 for every GPU")
+    if t.devices == -1 and t.accelerator == "cpu":
+        problems.append("trainer.devices: -1 means 'every GPU of a node'; with accelerator cpu give a worker count")
+    if t.val_check_interval > t.max_steps and cfg.data.validation_ds is not None:
+        problems.append(
+            f"trainer.val_check_interval: {t.val_check_interval} is larger than trainer.max_steps "
+            f"({t.max_steps}), so validation would never run; lower it or raise max_steps"
+        )
+    if t.cpus_per_worker is not None and t.cpus_per_worker <= 0:
+        problems.append(f"trainer.cpus_per_worker: {t.cpus_per_worker} must be positive")
+
+
+def _check_model(cfg: ExperimentConfig, problems: list[str]) -> None:
+    m = cfg.model
+    for key in ("freeze_params", "prevent_freeze_params"):
+        for i, pattern in enumerate(getattr(m, key)):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                problems.append(f"model.{key}[{i}]: regex {pattern!r} does not compile ({exc})")
+    if m.lora is not None:
+        if m.lora.r < 1:
+            problems.append(f"model.lora.r: {m.lora.r} must be at least 1 (the LoRA rank)")
+        if not 0 <= m.lora.lora_dropout < 1:
+            problems.append(f"model.lora.lora_dropout: {m.lora.lora_dropout} must be in [0, 1)")
+    for key, spec in (("optimizer", m.optimizer), ("lr_scheduler", m.lr_scheduler)):
+        if spec is None:
+            continue
+        target = spec.get("_target_") or spec.get("target")
+        if not target:
+            problems.append(f"model.{key}: missing _target_ (e.g. _target_: torch.optim.AdamW)")
+        elif problem := target_problem(str(target)):
+            problems.append(f"model.{key}._target_: {problem}")
+    if problem := target_problem(m.perception.target):
+        problems.append(f"model.perception.target: {problem}")
+    _check_conformer(m.perception.encoder, "model.perception.encoder", problems)
+    if m.perception.modality_adapter is not None:
+        _check_conformer(m.perception.modality_adapter, "model.perception.modality_adapter", problems)
+    if m.speech_decoder is not None and (problem := target_problem(m.speech_decoder.target)):
+        problems.append(f"model.speech_decoder.target: {problem}")
+    if m.resolved_model_type() != "salm" and m.pretrained_audio_codec is None:
+        problems.append(
+            f"model.pretrained_audio_codec: the {m.resolved_model_type()} model needs an audio codec "
+            "(a hub id or local dir of a Mimi/EnCodec/DAC model)"
+        )
+    if m.audio_loss_weight < 0 or m.text_loss_weight < 0:
+        problems.append("model.audio_loss_weight / text_loss_weight: loss weights must not be negative")
+
+
+def _check_conformer(enc: ConformerConfig, path: str, problems: list[str]) -> None:
+    if enc._target_ is not None and (problem := target_problem(enc._target_)):
+        problems.append(f"{path}._target_: {problem}")
+    if enc.d_model % enc.n_heads:
+        problems.append(f"{path}.d_model: {enc.d_model} is not divisible by n_heads ({enc.n_heads})")
+    if len(enc.att_context_size) != 2:
+        problems.append(f"{path}.att_context_size: {enc.att_context_size} must be [left, right]")
+    if isinstance(enc.conv_context_size, list):
+        if len(enc.conv_context_size) != 2 or sum(enc.conv_context_size) + 1 != enc.conv_kernel_size:
+            problems.append(
+                f"{path}.conv_context_size: {enc.conv_context_size} must be [left, right] with "
+                f"left + right + 1 == conv_kernel_size ({enc.conv_kernel_size})"
+            )
+    if enc.subsampling_factor < 1 or enc.subsampling_factor & (enc.subsampling_factor - 1):
+        problems.append(f"{path}.subsampling_factor: {enc.subsampling_factor} must be a power of 2")
+
+
+def _check_dataset(ds: DatasetConfig, path: str, problems: list[str]) -> None:
+    if ds.batch_size is None and ds.batch_duration is None:
+        problems.append(
+            f"{path}: neither batch_size nor batch_duration is set; set batch_size (cuts per batch) "
+            "or batch_duration (seconds of audio per batch)"
+        )
+    for key in ("batch_size", "batch_duration"):
+        value = getattr(ds, key)
+        if value is not None and value <= 0:
+            problems.append(f"{path}.{key}: {value} must be positive")
+    if ds.use_bucketing and ds.bucket_duration_bins is not None:
+        bins = ds.bucket_duration_bins
+        if any(nxt <= prev for prev, nxt in zip(bins, bins[1:], strict=False)):
+            problems.append(f"{path}.bucket_duration_bins: {bins} must be strictly increasing")
+        if len(bins) != ds.num_buckets:
+            problems.append(
+                f"{path}.bucket_duration_bins: {len(bins)} bins do not match num_buckets ({ds.num_buckets}); "
+                "give one upper duration edge per bucket, or drop the bins to estimate them from the data"
+            )
+    if ds.min_duration >= ds.max_duration:
+        problems.append(f"{path}.min_duration: {ds.min_duration} must be below max_duration ({ds.max_duration})")
+    if ds.shar_path is None and not ds.input_cfg:
+        problems.append(
+            f"{path}: no data; set shar_path (a Lhotse Shar dir, a list of dirs, or an fsspec URL) or input_cfg"
+        )
+    for i, entry in enumerate(ds.input_cfg):
+        if entry.type == "lhotse_shar" and not entry.shar_path:
+            problems.append(
+                f"{path}.input_cfg[{i}].shar_path: missing; point it at a Lhotse Shar directory, "
+                "a list of them, or an fsspec URL (s3://...)"
+            )
+        if entry.type == "lhotse_as_conversation" and not (entry.cuts_path or entry.shar_path):
+            problems.append(f"{path}.input_cfg[{i}].cuts_path: missing; point it at a Lhotse Shar directory")

@@ -1,0 +1,153 @@
+"""Typed schema of the `trainer`, `exp_manager` and `data` sections and of the whole experiment.
+
+Key names and defaults follow NeMo speechlm2 (see `configs/`); this file is the only place defaults live.
+Comments say how each NeMo/Lightning key maps onto Ray Train, Ray Data and MLflow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from speech_models.config import ModelConfig
+
+Precision = Literal["32", "32-true", "bf16-true", "bf16-mixed", "16-mixed", "16-true"]
+Accelerator = Literal["cpu", "gpu", "cuda", "auto"]
+Strategy = Literal["auto", "ddp", "fsdp2"]
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning-style trainer keys, mapped onto Ray Train's ScalingConfig and the worker loop."""
+
+    devices: int = 1  # workers per node; -1 = every GPU of a node (needs accelerator gpu)
+    num_nodes: int = 1  # Ray Train workers = devices x num_nodes
+    accelerator: Accelerator = "auto"  # gpu/cuda -> ScalingConfig(use_gpu=True); auto = gpu when Ray has one
+    precision: Precision = "32"
+    logger: bool = False  # accepted for NeMo compatibility; MLflow is configured in exp_manager
+    enable_checkpointing: bool = False  # accepted; checkpointing is exp_manager's job
+    replace_sampler_ddp: bool = False  # accepted; Ray Data splits the data
+    use_distributed_sampler: bool = False  # accepted; Ray Data splits the data
+    max_epochs: int | None = None
+    max_steps: int = 100000  # optimizer steps
+    limit_train_batches: int | None = None  # NeMo's "epoch" size in steps
+    log_every_n_steps: int = 10
+    val_check_interval: int = 2000  # optimizer steps between validations (and checkpoints)
+    limit_val_batches: int | None = None  # validation batches per dataset (None = the whole set)
+    num_sanity_val_steps: int = 0  # accepted; not run
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = 1.0
+    # "ddp" | "fsdp2", or NeMo's {_target_: lightning...DDPStrategy, ...} mapping (translated on load)
+    strategy: Strategy = "ddp"
+    cpus_per_worker: float | None = None  # None: 1 with GPUs; on CPU-only Ray, leave CPUs for Ray Data
+    seed: int = 42
+
+
+@dataclass
+class CheckpointCallbackParams:
+    """Maps onto ray.train.CheckpointConfig (save_top_k -> num_to_keep, monitor/mode -> score)."""
+
+    monitor: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    save_top_k: int = 1
+    filename: str = "{step}"
+    every_n_train_steps: int | None = None
+    every_n_epochs: int | None = None
+    always_save_nemo: bool = False
+    save_nemo_on_train_end: bool = False
+    save_last: bool = True
+
+
+@dataclass
+class ExpManagerConfig:
+    """Where a run lives (Ray RunConfig storage) and how it is tracked (MLflow)."""
+
+    explicit_log_dir: str | None = None  # a local dir or fsspec URL; wins over exp_dir/name
+    exp_dir: str | None = None  # run dir = exp_dir/name[/version] when explicit_log_dir is unset
+    name: str = "speechlm"
+    version: str | None = None
+    use_datetime_version: bool = False
+    resume_if_exists: bool = True
+    resume_ignore_no_checkpoint: bool = True
+    resume_from_checkpoint: str | None = None
+    max_time_per_run: str | None = None  # accepted; Ray jobs are not time-sliced
+    max_failures: int = 1  # worker failures survived per run (Ray FailureConfig)
+    create_checkpoint_callback: bool = True
+    checkpoint_callback_params: CheckpointCallbackParams = field(default_factory=CheckpointCallbackParams)
+    create_mlflow_logger: bool = True
+    # tracking_uri (default sqlite:///<run dir>/mlflow.db), experiment_name (default: name), run_name
+    mlflow_logger_kwargs: dict[str, Any] = field(default_factory=dict)
+    create_wandb_logger: bool = False  # accepted; not supported, warned about when true
+    wandb_logger_kwargs: dict[str, Any] = field(default_factory=dict)
+    create_tensorboard_logger: bool = False  # accepted; not supported, warned about when true
+
+
+@dataclass
+class InputConfig:
+    """One entry of `input_cfg` (NeMo's lhotse input config)."""
+
+    type: Literal["lhotse_shar", "lhotse_as_conversation"] = "lhotse_shar"
+    shar_path: str | list[str] | None = None  # a dir, a list of dirs, or an fsspec URL
+    cuts_path: str | None = None  # lhotse_as_conversation: a cuts manifest or a Shar dir
+    weight: float = 1.0
+    audio_locator_tag: str | None = None
+    tags: dict[str, Any] = field(default_factory=dict)  # e.g. context / system_prompt for SALM prompts
+
+
+@dataclass
+class DatasetConfig:
+    """Settings shared by train_ds, validation_ds and each named validation set."""
+
+    sample_rate: int = 16000
+    input_cfg: list[InputConfig] = field(default_factory=list)
+    shar_path: str | list[str] | None = None  # shorthand for a single lhotse_shar input
+    prompt_format: str | None = None
+    token_equivalent_duration: float | None = None
+    seed: int = 42
+    shard_seed: int | Literal["randomized", "trng"] = "randomized"
+    shuffle: bool = True
+    num_workers: int = 1  # Ray Data decode tasks in flight per dataset
+    batch_size: int | None = None
+    batch_duration: float | None = None  # seconds of audio per batch (dynamic batch size)
+    use_bucketing: bool = False
+    num_buckets: int = 30
+    bucket_duration_bins: list[float] | None = None
+    bucket_buffer_size: int = 10000
+    min_duration: float = 0.1  # shorter cuts are dropped and counted
+    max_duration: float = 40.0  # longer cuts are dropped and counted
+    skip_corrupt: bool = True  # False = strict mode: a corrupt shard or cut is fatal
+
+
+@dataclass
+class ValidationConfig(DatasetConfig):
+    """validation_ds: shared settings plus one entry per named validation set."""
+
+    batch_size: int | None = 1
+    shuffle: bool = False
+    # {name: {shar_path: ... | input_cfg: [...], plus any DatasetConfig key}}. As in NeMo, each named set
+    # inherits every setting of validation_ds and may override it; the loader merges them before validation.
+    datasets: dict[str, DatasetConfig] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """The `data:` section; S2S extras are ignored by SALM."""
+
+    frame_length: float = 0.08
+    source_sample_rate: int = 16000
+    target_sample_rate: int = 22050
+    input_roles: list[str] = field(default_factory=lambda: ["user", "User"])
+    output_roles: list[str] = field(default_factory=lambda: ["agent", "Assistant"])
+    train_ds: DatasetConfig = field(default_factory=DatasetConfig)
+    validation_ds: ValidationConfig | None = None
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole training run: what `speechlm train` and every sweep trial receive."""
+
+    name: str = "speechlm"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    exp_manager: ExpManagerConfig = field(default_factory=ExpManagerConfig)
+    data: DataConfig = field(default_factory=DataConfig)

@@ -1,0 +1,292 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+Read it top to bottom: set up (model, precision, DDP/FSDP2, optimizer, restore), then the step loop, then
+the two things that happen on a schedule (log, validate + checkpoint). Every rank calls `ray.train.report`
+at the same steps, because report is a barrier; the data pipeline guarantees equal batch counts per rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+
+from orchestrator.checkpointing import TrainingState, checkpoint_dir_name, load_checkpoint, save_checkpoint
+from orchestrator.config import ExperimentConfig, experiment_from_dict
+from orchestrator.config.targets import instantiate
+from orchestrator.data.pipeline import COUNTER_NAMES, BatchMeta, iterate_batches
+from orchestrator.progress import format_progress
+from orchestrator.tracking import MetricsLogger
+from orchestrator.validation import run_validation
+from speech_models.registry import build_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopSettings:
+    """What the driver hands every worker besides the experiment config."""
+
+    experiment: dict[str, Any]
+    config_yaml: str
+    tracking_uri: str | None
+    mlflow_run_id: str | None
+    threads_per_worker: int
+    validation_sets: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------- set-up
+
+
+def setup_precision(model: torch.nn.Module, precision: str, device: torch.device):
+    """Cast for *-true precisions; return the autocast context factory for *-mixed ones."""
+    true_dtypes = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
+    mixed_dtypes = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+    if precision in true_dtypes:
+        model.to(true_dtypes[precision])
+        # Modules that must stay in fp32 (e.g. a frozen audio codec) say so with `keep_fp32 = True`.
+        for module in model.modules():
+            if getattr(module, "keep_fp32", False):
+                module.float()
+    if precision in mixed_dtypes:
+        dtype = mixed_dtypes[precision]
+        return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext
+
+
+def wrap_for_distribution(model: torch.nn.Module, strategy: str, device: torch.device) -> torch.nn.Module:
+    """DDP (default) or FSDP2 across the Ray Train worker group; nothing with a single worker."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return model
+    if strategy == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        # Shard each transformer block of the LLM, then the rest: the usual FSDP2 recipe.
+        for module in model.modules():
+            if type(module).__name__.endswith("DecoderLayer"):
+                fully_shard(module)
+        return fully_shard(model)
+    device_ids = [device.index] if device.type == "cuda" else None
+    # No buffer broadcast: some buffers grow with the input length (relative positional tables), so their
+    # sizes differ between ranks and a broadcast would crash gloo/NCCL. BatchNorm statistics stay per rank;
+    # checkpoints take rank 0's.
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def setup_optimizer(model: torch.nn.Module, cfg: ExperimentConfig):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(
+            "no trainable parameters: model.freeze_params froze everything; loosen it or add "
+            "prevent_freeze_params for the parts that should train"
+        )
+    optimizer = instantiate(cfg.model.optimizer, params)
+    scheduler = instantiate(cfg.model.lr_scheduler, optimizer) if cfg.model.lr_scheduler else None
+    return optimizer, scheduler
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Numpy arrays become tensors on `device`; lists (texts, ids) pass through."""
+    return {
+        k: torch.from_numpy(np.ascontiguousarray(v)).to(device, non_blocking=True) if isinstance(v, np.ndarray) else v
+        for k, v in batch.items()
+    }
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class IntervalStats:
+    """Sums over the steps since the last log line (reduced across ranks when logged)."""
+
+    loss: float = 0.0
+    components: dict[str, float] = field(default_factory=dict)
+    grad_norm: float = 0.0
+    steps: int = 0
+    audio_seconds: float = 0.0
+    padded_seconds: float = 0.0
+    target_tokens: float = 0.0
+    data_wait: float = 0.0
+    counters: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    settings = LoopSettings(**config)
+    cfg = experiment_from_dict(settings.experiment).cfg
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(settings.threads_per_worker)
+    torch.manual_seed(cfg.trainer.seed)
+    device = ray.train.torch.get_device()
+
+    model = build_model(cfg.model, cfg.data).to(device)
+    autocast = setup_precision(model, cfg.trainer.precision, device)
+    model = wrap_for_distribution(model, cfg.trainer.strategy, device)
+    unwrapped = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    optimizer, scheduler = setup_optimizer(model, cfg)
+
+    state = TrainingState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(Path(directory), model, optimizer, scheduler, rank)
+        if rank == 0:
+            print(f"resumed from checkpoint at step {state.step}", flush=True)
+
+    metrics_logger = (
+        MetricsLogger(settings.tracking_uri, settings.mlflow_run_id)
+        if rank == 0 and settings.tracking_uri and settings.mlflow_run_id
+        else None
+    )
+    batches = iter(iterate_batches(ray.train.get_dataset_shard("train")))
+    max_steps, accumulate = cfg.trainer.max_steps, cfg.trainer.accumulate_grad_batches
+    stats = IntervalStats()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    run_started = time.perf_counter()
+    start_step = state.step
+
+    while state.step < max_steps:
+        model.train()
+        micro_batches = _next_micro_batches(batches, accumulate, stats)
+        if micro_batches is None:  # the data ran out (max_epochs reached): every rank sees it at once
+            break
+        for index, (batch, meta) in enumerate(micro_batches):
+            sync = index == len(micro_batches) - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
+                out = model(to_device(batch, device))
+            (out["loss"] / len(micro_batches)).backward()
+            _accumulate(stats, out, meta, len(micro_batches))
+        clip = cfg.trainer.gradient_clip_val
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip if clip else math.inf)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        stats.steps += 1
+        stats.grad_norm += float(grad_norm)
+        state.data_position = micro_batches[-1][1].position.to_dict()
+
+        last_step = state.step >= max_steps
+        validate_now = state.step % cfg.trainer.val_check_interval == 0 or last_step
+        if state.step % cfg.trainer.log_every_n_steps == 0 or validate_now:
+            metrics = _reduce_interval(stats, optimizer, world)
+            if rank == 0:
+                print(format_progress(state.step, max_steps, metrics, run_started, start_step), flush=True)
+            if metrics_logger:
+                metrics_logger.log(metrics, state.step)
+            stats = IntervalStats()
+            if not validate_now:
+                ray.train.report(metrics)
+        if validate_now:
+            report_validation_and_checkpoint(unwrapped, model, optimizer, scheduler, state, settings, cfg, rank, world,
+                                             metrics_logger, autocast)
+            stats = IntervalStats()  # throughput figures exclude validation time
+    if rank == 0:
+        print(f"training finished at step {state.step}", flush=True)
+
+
+def _next_micro_batches(batches: Iterator, accumulate: int, stats: IntervalStats) -> list | None:
+    waited = time.perf_counter()
+    out = []
+    for _ in range(accumulate):
+        try:
+            out.append(next(batches))
+        except StopIteration:
+            return None
+    stats.data_wait += time.perf_counter() - waited
+    return out
+
+
+def _accumulate(stats: IntervalStats, out: dict[str, torch.Tensor], meta: BatchMeta, parts: int) -> None:
+    stats.loss += float(out["loss"].detach()) / parts
+    for key, value in out.items():
+        if key.endswith("_loss"):
+            stats.components[key] = stats.components.get(key, 0.0) + float(value.detach()) / parts
+    stats.target_tokens += float(out.get("num_target_tokens", 0))
+    stats.audio_seconds += meta.audio_seconds
+    stats.padded_seconds += meta.padded_seconds
+    for key, value in meta.counters.items():
+        stats.counters[key] = stats.counters.get(key, 0.0) + float(value)
+
+
+def _reduce_interval(stats: IntervalStats, optimizer, world: int) -> dict[str, float]:
+    """Loss and grad norm averaged over ranks; throughput and counters summed over ranks."""
+    elapsed = max(time.perf_counter() - stats.started, 1e-9)
+    # Every rank must all-reduce a tensor of the same length: the key sets are fixed, never data-dependent.
+    component_keys = sorted(stats.components)  # the model's loss components: the same on every rank
+    counter_keys = COUNTER_NAMES
+    averaged = [stats.loss, stats.grad_norm, stats.data_wait] + [stats.components[k] for k in component_keys]
+    summed = [stats.audio_seconds, stats.padded_seconds, stats.target_tokens] + [stats.counters.get(k, 0.0) for k in counter_keys]
+    values = torch.tensor(averaged + summed, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(values)  # gloo/nccl sum; averaged entries are divided by world below
+    values = values.tolist()
+    steps = max(stats.steps, 1)
+    n_avg = len(averaged)
+    loss, grad_norm, data_wait = (v / world for v in values[:3])
+    metrics = {
+        "loss": loss / steps,
+        "lr": float(optimizer.param_groups[0]["lr"]),
+        "grad_norm": grad_norm / steps,
+        "data_wait_fraction": min(1.0, (data_wait / world) / elapsed),
+    }
+    for key, value in zip(component_keys, values[3:n_avg], strict=True):
+        metrics[key] = value / world / steps
+    audio, padded, tokens = values[n_avg : n_avg + 3]
+    metrics["audio_seconds_per_sec"] = audio / elapsed
+    metrics["tokens_per_sec"] = tokens / elapsed
+    metrics["padding_fraction"] = 1.0 - audio / padded if padded > 0 else 0.0
+    for key, value in zip(counter_keys, values[n_avg + 3 :], strict=True):
+        metrics[f"data/{key}"] = value
+    return metrics
+
+
+def report_validation_and_checkpoint(
+    unwrapped: torch.nn.Module,
+    model: torch.nn.Module,
+    optimizer,
+    scheduler,
+    state: TrainingState,
+    settings: LoopSettings,
+    cfg: ExperimentConfig,
+    rank: int,
+    world: int,
+    metrics_logger: MetricsLogger | None,
+    autocast,
+) -> None:
+    """Validate every set, log the metrics, and report them to Ray Train together with a checkpoint."""
+    metrics: dict[str, float] = {"step": float(state.step)}
+    if settings.validation_sets:
+        unwrapped.eval()
+        with torch.no_grad(), autocast():
+            metrics.update(run_validation(unwrapped, settings.validation_sets, cfg, rank, world))
+        if rank == 0:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("val_") and k.count("_") <= 2)
+            print(f"validation at step {state.step}: {shown}", flush=True)
+        if metrics_logger:
+            metrics_logger.log(metrics, state.step)
+    state.metrics = metrics
+    if not cfg.exp_manager.create_checkpoint_callback:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(Path(tmp), model, optimizer, scheduler, state, settings.config_yaml, rank == 0, rank)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=checkpoint_dir_name(state.step, cfg.exp_manager.checkpoint_callback_params.filename),
+        )

@@ -1,0 +1,81 @@
+"""Validation on every rank, then one set of metrics: losses and counts summed, hypotheses gathered.
+
+Each rank scores its own slice of every validation set (the pipeline gives each cut to exactly one rank),
+so val_loss, val_acc and WER/BLEU are computed over the whole set once, whatever the worker count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray.train
+import torch
+import torch.distributed as dist
+
+from orchestrator.config import ExperimentConfig
+from orchestrator.data.pipeline import iterate_batches
+from speech_models.metrics import corpus_bleu, corpus_wer
+
+
+def _gather(items: list[Any], world: int) -> list[Any]:
+    if world == 1:
+        return items
+    gathered: list[list[Any]] = [[] for _ in range(world)]
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
+def _sum(values: list[float], world: int) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def validate_dataset(model: torch.nn.Module, name: str, cfg: ExperimentConfig, world: int) -> dict[str, Any]:
+    """Sums and texts for one validation set, combined over all ranks."""
+    from orchestrator.loop import to_device
+
+    device = next(model.parameters()).device
+    loss_sum = tokens = correct = 0.0
+    hypotheses: list[str] = []
+    references: list[str] = []
+    limit = cfg.trainer.limit_val_batches
+    for index, (batch, _meta) in enumerate(iterate_batches(ray.train.get_dataset_shard(f"val_{name}"))):
+        if limit is not None and index >= limit:
+            continue  # keep draining so every rank's iterator finishes the epoch in step
+        out = model.validation_step(to_device(batch, device))
+        loss_sum += float(out["loss_sum"])
+        tokens += float(out["num_tokens"])
+        correct += float(out["num_correct"])
+        hypotheses.extend(out.get("hypotheses", []))
+        references.extend(out.get("references", []))
+    loss_sum, tokens, correct = _sum([loss_sum, tokens, correct], world)
+    return {
+        "loss": loss_sum / max(tokens, 1.0),
+        "acc": correct / max(tokens, 1.0),
+        "hypotheses": _gather(hypotheses, world),
+        "references": _gather(references, world),
+    }
+
+
+def run_validation(model: torch.nn.Module, names: list[str], cfg: ExperimentConfig, rank: int, world: int) -> dict[str, float]:
+    """val_loss / val_acc / val_wer (SALM) or val_txt_bleu (duplex), per set (`_<name>`) and averaged."""
+    per_set = {name: validate_dataset(model, name, cfg, world) for name in names}
+    text_metric = "wer" if cfg.model.resolved_model_type() == "salm" else "txt_bleu"
+    metrics: dict[str, float] = {}
+    for name, result in per_set.items():
+        metrics[f"val_loss_{name}"] = result["loss"]
+        metrics[f"val_acc_{name}"] = result["acc"]
+        if result["references"]:
+            score = corpus_wer if text_metric == "wer" else corpus_bleu
+            metrics[f"val_{text_metric}_{name}"] = score(result["hypotheses"], result["references"])
+    for key in ("loss", "acc", text_metric):
+        values = [metrics[f"val_{key}_{n}"] for n in names if f"val_{key}_{n}" in metrics]
+        if values:
+            metrics[f"val_{key}"] = sum(values) / len(values)
+    if rank == 0:
+        for name, result in per_set.items():
+            for hyp, ref in list(zip(result["hypotheses"], result["references"], strict=False))[:2]:
+                print(f"  [{name}] ref: {ref}\n  [{name}] hyp: {hyp}", flush=True)
+    return metrics

@@ -1,0 +1,51 @@
+"""Shared fixtures: one local Ray cluster per test session, offline Hugging Face, marker handling."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Nothing in the test suite may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# MLflow 3.13+ refuses a plain file store; tests use sqlite, but keep stray file stores from erroring.
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+# Ray 2.60 token auth for local clusters: tests drive local clusters only.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One intra-op thread: the CPU tier runs tiny models, where thread contention costs more than it gives."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu` tests on machines without CUDA instead of failing them."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray cluster started once for the whole test session.
+
+    num_cpus is larger than the machine's 2 cores on purpose: Train workers take fractional CPUs and Ray Data
+    tasks need logical CPUs to be scheduled at all; the OS shares the real cores.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

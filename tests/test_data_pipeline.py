@@ -1,0 +1,425 @@
+"""Shar -> Ray Data batches: shard discovery, filtering and counters, corrupt data, S2S sample rates, resume
+positions, equal step counts across ranks and exactly-once validation."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import shutil
+import tarfile
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestrator.config.schema import DataConfig, DatasetConfig, InputConfig, ValidationConfig
+from orchestrator.data.pipeline import (
+    TRAIN,
+    BatchStream,
+    CorruptShardError,
+    DataPosition,
+    SplitDataConfig,
+    build_datasets,
+    iterate_batches,
+    merge_positions,
+    pad_audio_collator,
+    plan_dataset,
+    ray_data_config,
+    read_shard,
+    run_read_task,
+)
+from orchestrator.data.shards import SharLayoutError, discover_dir, discover_shards
+from orchestrator.data.synthetic import corrupt_shard, write_synthetic_shar
+
+# Cycled per cut: 0.05 s is too short (min 0.1), 9.0 s too long (max 6.0); every 9th text is empty.
+DURATIONS = [1.0, 2.2, 0.05, 1.7, 3.1, 9.0, 2.5, 0.8]
+SHARD_SIZES = [3, 20, 5, 12, 8]  # uneven on purpose
+
+
+@pytest.fixture(scope="module")
+def asr_dir(tmp_path_factory) -> Path:
+    return write_synthetic_shar(
+        tmp_path_factory.mktemp("asr") / "shar",
+        n_cuts=sum(SHARD_SIZES),
+        shard_sizes=SHARD_SIZES,
+        durations=DURATIONS,
+        empty_text_every=9,
+        sample_rate=8000,  # the pipeline resamples to 16 kHz
+    )
+
+
+@pytest.fixture(scope="module")
+def s2s_dir(tmp_path_factory) -> Path:
+    return write_synthetic_shar(
+        tmp_path_factory.mktemp("s2s") / "shar", n_cuts=6, n_shards=2, durations=(1.0, 2.0), with_target_audio=True
+    )
+
+
+def damaged_copy(src: Path, dst: Path, *damage: tuple[int, str]) -> Path:
+    shutil.copytree(src, dst)
+    for shard, field in damage:
+        corrupt_shard(dst, shard, field)
+    return dst
+
+
+def expected_counts(shar_dir: Path, min_d: float = 0.1, max_d: float = 6.0) -> Counter:
+    counts: Counter = Counter()
+    for path in sorted(shar_dir.glob("cuts.*.jsonl.gz")):
+        for line in gzip.decompress(path.read_bytes()).decode().splitlines():
+            cut = json.loads(line)
+            text = " ".join(s["text"] for s in cut["supervisions"]).strip()
+            key = (
+                "too_short"
+                if cut["duration"] < min_d
+                else "too_long"
+                if cut["duration"] > max_d
+                else "empty_text"
+                if not text
+                else "cuts_batched"
+            )
+            counts[key] += 1
+    return counts
+
+
+def data_cfg(shar_dir: Path, **train) -> DataConfig:
+    train = {"batch_size": 3, "max_duration": 6.0, **train}
+    return DataConfig(train_ds=DatasetConfig(shar_path=str(shar_dir), **train))
+
+
+def read_all(plan) -> list:
+    """Every row of every read task of a plan, run in-process (no Ray)."""
+    return [table for task in range(plan.num_tasks) for table in run_read_task(plan, task)]
+
+
+def read_interleaved(plan) -> list:
+    """Rows as Ray Data would deliver them: the tasks of a group run side by side (round robin here)."""
+    rows, task = [], 0
+    while task < plan.num_tasks:
+        group = plan.group_of(task)
+        running = [run_read_task(plan, t) for t in range(group.first_task, group.first_task + group.num_tasks)]
+        while running:
+            for gen in list(running):
+                row = next(gen, None)
+                if row is None:
+                    running.remove(gen)
+                else:
+                    rows.append(row)
+        task = group.first_task + group.num_tasks
+    return rows
+
+
+class RecordingCollator:
+    """Pads like pad_audio_collator and keeps the example dicts it saw (in-process tests only)."""
+
+    def __init__(self) -> None:
+        self.examples: list[dict] = []
+
+    def __call__(self, examples):
+        self.examples += examples
+        return pad_audio_collator(examples)
+
+
+# ---------------------------------------------------------------------------------------------- shards
+
+
+def test_discover_dir_lists_shards_and_audio_fields(s2s_dir):
+    shards = discover_dir(str(s2s_dir))
+    assert [Path(s.cuts).name for s in shards] == ["cuts.000000.jsonl.gz", "cuts.000001.jsonl.gz"]
+    assert set(shards[0].fields) == {"recording", "target_audio"}
+    assert all(s.has_target_audio for s in shards)
+
+
+def test_missing_field_shard_error_names_path_and_counts(tmp_path, asr_dir):
+    broken = damaged_copy(asr_dir, tmp_path / "shar")
+    (broken / "recording.000002.tar").unlink()
+    with pytest.raises(SharLayoutError) as err:
+        discover_dir(str(broken))
+    msg = str(err.value)
+    assert str(broken) in msg and "5 cuts shards but 4 recording shards" in msg and "000002" in msg
+
+
+def test_field_lists_and_weighted_dirs(asr_dir, s2s_dir):
+    fields = {
+        "cuts": [str(p) for p in sorted(asr_dir.glob("cuts.*"))],
+        "recording": [str(p) for p in sorted(asr_dir.glob("recording.*"))],
+    }
+    (shards, weight), *_ = discover_shards(fields)
+    assert len(shards) == len(SHARD_SIZES) and weight == 1.0
+    groups = discover_shards([[str(asr_dir), 3.0], str(s2s_dir)])
+    assert [(len(s), w) for s, w in groups] == [(5, 3.0), (2, 1.0)]
+    with pytest.raises(SharLayoutError, match="5 cuts shards but 4 recording shards"):
+        discover_shards({**fields, "recording": fields["recording"][:4]})
+    with pytest.raises(SharLayoutError, match="not a directory"):
+        discover_shards(str(asr_dir / "nope"))
+
+
+# ---------------------------------------------------------------------------------------------- plans
+
+
+def test_epoch_order_is_seeded_per_epoch_and_tasks_cover_every_item_once(asr_dir):
+    cfg = data_cfg(asr_dir, num_workers=3)
+    plan = plan_dataset(TRAIN, cfg.train_ds, cfg, pad_audio_collator, epochs=4)
+    again = plan_dataset(TRAIN, cfg.train_ds, cfg, pad_audio_collator, epochs=4)
+    assert plan.epoch_order(1) == again.epoch_order(1)
+    assert sorted(plan.epoch_order(0)) == sorted(plan.epoch_order(1)) != plan.epoch_order(0)
+    items = sorted(i for t in range(plan.num_tasks) for i in plan.task_items(t))
+    assert items == list(range(4 * len(SHARD_SIZES)))
+    unbounded = plan_dataset(TRAIN, cfg.train_ds, cfg, pad_audio_collator, epochs=None)
+    assert unbounded.num_tasks <= 256 and unbounded.end_item >= 1000 * len(SHARD_SIZES)
+
+
+# ---------------------------------------------------------------------------------------------- read tasks
+
+
+def test_filters_are_counted_and_every_cut_is_batched_once(asr_dir):
+    collate = RecordingCollator()
+    cfg = data_cfg(asr_dir, num_workers=2, shuffle=False)
+    stream = BatchStream(read_all(plan_dataset(TRAIN, cfg.train_ds, cfg, collate, epochs=1)))
+    ids = [i for _, meta in stream for i in meta.ids]
+    expected = expected_counts(asr_dir)
+    assert len(ids) == len(set(ids)) == expected["cuts_batched"]
+    for key in ("too_short", "too_long", "empty_text", "cuts_batched"):
+        assert stream.totals[key] == expected[key], key
+    assert stream.totals["shards_read"] == len(SHARD_SIZES) and stream.totals["cuts_read"] == sum(SHARD_SIZES)
+    # The example contract: mono float32 resampled from 8 kHz to the dataset's 16 kHz.
+    ex = collate.examples[0]
+    assert set(ex) >= {"id", "duration", "audio", "text", "supervisions"}
+    assert ex["audio"].dtype == np.float32 and ex["audio"].ndim == 1
+    assert abs(len(ex["audio"]) - ex["duration"] * 16000) <= 2
+    assert ex["text"] and ex["supervisions"][0]["text"] == ex["text"]
+
+
+def test_s2s_source_and_target_audio_rates(s2s_dir):
+    collate = RecordingCollator()
+    # NeMo duplex configs set train_ds.sample_rate to the target rate; user audio stays at source_sample_rate.
+    cfg = DataConfig(
+        source_sample_rate=16000,
+        target_sample_rate=22050,
+        train_ds=DatasetConfig(shar_path=str(s2s_dir), sample_rate=22050, batch_size=2),
+    )
+    batches = [b for b, _ in BatchStream(read_all(plan_dataset(TRAIN, cfg.train_ds, cfg, collate, epochs=1)))]
+    assert sum(len(b["ids"]) for b in batches) == 6
+    for ex in collate.examples:
+        assert abs(len(ex["audio"]) - ex["duration"] * 16000) <= 2
+        assert abs(len(ex["target_audio"]) - ex["duration"] * 22050) <= 2
+        assert [s["speaker"] for s in ex["supervisions"]] == ["user", "agent"]
+    assert batches[0]["target_audio"].shape[0] == len(batches[0]["ids"])
+
+
+def test_corrupt_shards_are_skipped_counted_and_fatal_in_strict_mode(tmp_path, asr_dir):
+    broken = damaged_copy(asr_dir, tmp_path / "shar", (1, "recording"), (3, "cuts"))
+    for shard in (1, 3):
+        with pytest.raises(CorruptShardError, match=f"{shard:06d}"):
+            read_shard(discover_dir(str(broken))[shard])
+    cfg = data_cfg(broken, num_workers=2)
+    stream = BatchStream(read_all(plan_dataset(TRAIN, cfg.train_ds, cfg, pad_audio_collator, epochs=1)))
+    ids = [i for _, meta in stream for i in meta.ids]
+    assert stream.totals["corrupt_shards"] == 2 and stream.totals["shards_read"] == 5
+    good = expected_counts(asr_dir)["cuts_batched"]
+    assert 0 < len(ids) < good and len(ids) == stream.totals["cuts_batched"]
+
+    strict = data_cfg(broken, skip_corrupt=False, shuffle=False)
+    plan = plan_dataset(TRAIN, strict.train_ds, strict, pad_audio_collator, epochs=1)
+    with pytest.raises(CorruptShardError, match=r"recording\.000001\.tar.*skip_corrupt: true"):
+        read_all(plan)
+
+
+def test_unreadable_cut_is_skipped_and_counted(tmp_path, asr_dir):
+    broken = damaged_copy(asr_dir, tmp_path / "shar")
+    tar_path = broken / "recording.000000.tar"
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(tar_path, "w") as tar:
+        for i, (member, data) in enumerate(members):
+            data = b"not audio at all" if i == 0 else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    cfg = data_cfg(broken, shuffle=False)
+    stream = BatchStream(read_all(plan_dataset(TRAIN, cfg.train_ds, cfg, pad_audio_collator, epochs=1)))
+    ids = [i for _, meta in stream for i in meta.ids]
+    assert stream.totals["unreadable_cuts"] == 1 and "cut-000000" not in ids
+    assert len(ids) == expected_counts(asr_dir)["cuts_batched"] - 1
+
+
+def test_batchless_task_reports_its_counts_on_a_marker_row(tmp_path, asr_dir):
+    broken = damaged_copy(asr_dir, tmp_path / "shar", (1, "recording"))
+    cfg = DataConfig(
+        validation_ds=ValidationConfig(
+            datasets={"v": DatasetConfig(shar_path=str(broken), batch_size=2, num_workers=5, shuffle=False)}
+        )
+    )
+    plan = plan_dataset("val_v", cfg.validation_ds.datasets["v"], cfg, pad_audio_collator, epochs=1, equal_split=False)
+    stream = BatchStream(read_all(plan))  # task 1 reads only the corrupt shard: it has no batch to carry its count
+    seen = Counter()
+    for _, meta in stream:
+        seen.update(meta.counters)
+    assert stream.totals["corrupt_shards"] == 1
+    assert seen["corrupt_shards"] + stream.pending["corrupt_shards"] == 1
+
+
+def test_resume_position_skips_consumed_shards_only(asr_dir):
+    cfg = data_cfg(asr_dir, num_workers=2)
+    plan = plan_dataset(TRAIN, cfg.train_ds, cfg, pad_audio_collator, epochs=3)
+    rows = read_interleaved(plan)
+    # Two ranks take alternate rows, as streaming_split would.
+    ranks = [BatchStream(rows[0::2]), BatchStream(rows[1::2])]
+    metas = [list(m for _, m in r) for r in ranks]
+    steps = min(map(len, metas)) // 2
+    position = merge_positions([metas[0][steps].position, metas[1][steps].position])
+    assert len(SHARD_SIZES) <= position.item < 3 * len(SHARD_SIZES)  # moved past epoch 0, not past the end
+    alone = metas[0][steps].position  # one rank's own view lags the merged one but keeps moving
+    assert len(SHARD_SIZES) // 2 <= alone.item <= position.item
+    later = metas[0][steps + 1 :] + metas[1][steps + 1 :]
+    assert all(m.first_item >= position.item for m in later)  # nothing left unconsumed gets skipped
+    assert DataPosition.from_dict(json.loads(json.dumps(position.to_dict()))) == position
+
+    resumed = plan_dataset(TRAIN, cfg.train_ds, cfg, pad_audio_collator, epochs=3, start_position=position)
+    assert resumed.start_item == position.item
+    first = next(iter(BatchStream(run_read_task(resumed, 0))))[1]
+    assert first.first_item >= position.item and first.epoch == position.epoch
+
+
+# ---------------------------------------------------------------------------------------------- Ray Data
+
+
+def consume(iterators, limit: int | None = None) -> list[tuple[list[str], Counter]]:
+    """Iterate every split in its own thread (as Train workers would); return (ids per batch, totals)."""
+    results: list = [None] * len(iterators)
+
+    def run(rank: int) -> None:
+        stream = iterate_batches(iterators[rank])
+        results[rank] = ([meta.ids for _, meta in stream], stream.totals)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(iterators))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(r is not None for r in results), "a consumer hung"
+    return results
+
+
+def test_equal_split_gives_every_rank_the_same_steps(ray_session, tmp_path, asr_dir):
+    broken = damaged_copy(asr_dir, tmp_path / "shar", (2, "recording"))
+    datasets = build_datasets(data_cfg(broken, num_workers=2), pad_audio_collator, max_epochs=2)
+    (rank0, totals0), (rank1, totals1) = consume(datasets[TRAIN].streaming_split(2, equal=True))
+    assert len(rank0) == len(rank1) > 0
+    assert totals0["corrupt_shards"] + totals1["corrupt_shards"] == 2  # one per epoch, reported not hidden
+
+
+def test_validation_sets_are_scored_exactly_once_across_ranks(ray_session, asr_dir, s2s_dir):
+    cfg = DataConfig(
+        train_ds=DatasetConfig(
+            input_cfg=[InputConfig(shar_path=str(asr_dir)), InputConfig(shar_path=str(s2s_dir), weight=2.0)],
+            batch_size=3,
+            max_duration=6.0,
+        ),
+        validation_ds=ValidationConfig(
+            datasets={
+                "asr": DatasetConfig(shar_path=str(asr_dir), batch_size=2, num_workers=2, max_duration=6.0),
+                "s2s": DatasetConfig(shar_path=str(s2s_dir), batch_size=4),
+            }
+        ),
+    )
+    datasets = build_datasets(cfg, pad_audio_collator, {"asr": pad_audio_collator, "val_s2s": pad_audio_collator})
+    assert sorted(datasets) == ["train", "val_asr", "val_s2s"]
+    config = ray_data_config(list(datasets))
+    assert isinstance(config, SplitDataConfig) and config.equal == [TRAIN]
+    per_rank = config.configure(
+        {"val_asr": datasets["val_asr"]}, world_size=2, worker_handles=None, worker_node_ids=None
+    )
+    results = consume([per_rank[0]["val_asr"], per_rank[1]["val_asr"]])
+    ids = [i for batches, _ in results for batch in batches for i in batch]
+    assert len(ids) == len(set(ids)) == expected_counts(asr_dir)["cuts_batched"]
+
+
+def test_validation_runs_while_the_training_stream_holds_every_cpu(ray_session, asr_dir):
+    """Mid-training validation: paused training read tasks keep their CPUs; validation must not wait for them."""
+    import ray
+
+    cfg = data_cfg(asr_dir, num_workers=2)
+    cfg.validation_ds = ValidationConfig(shar_path=str(asr_dir), batch_size=4, max_duration=6.0)
+    datasets = build_datasets(cfg, pad_audio_collator, max_epochs=None)
+    train = iter(iterate_batches(datasets[TRAIN]))
+    holder = None
+    try:
+        for _ in range(3):
+            next(train)
+        spare = ray.available_resources().get("CPU", 0.0)  # book every CPU the training stream left
+        if spare > 0:
+            holder = ray.remote(num_cpus=spare)(threading.Event).remote()
+            ray.get(holder.is_set.remote())
+        ((batches, _),) = consume([datasets["val_default"]])
+        assert sum(map(len, batches)) == expected_counts(asr_dir)["cuts_batched"]
+    finally:
+        train.close()
+        if holder is not None:
+            ray.kill(holder)
+
+
+def test_strict_mode_error_reaches_the_training_worker(ray_session, tmp_path, asr_dir):
+    broken = damaged_copy(asr_dir, tmp_path / "shar", (0, "cuts"))
+    ds = build_datasets(data_cfg(broken, skip_corrupt=False), pad_audio_collator, max_epochs=1)[TRAIN]
+    with pytest.raises(Exception, match=r"cuts\.000000\.jsonl\.gz"):
+        for _ in iterate_batches(ds):
+            pass
+
+
+@pytest.mark.integration
+def test_torch_trainer_gets_equal_steps_and_every_validation_cut_once(ray_session, tmp_path, asr_dir):
+    """Through Ray Train v2 itself: SplitDataConfig on the trainer, a collective every step (a rank with one
+    step more would hang), then one validation pass whose cuts are split over the ranks."""
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    broken = damaged_copy(asr_dir, tmp_path / "shar", (2, "recording"))
+    cfg = DataConfig(
+        train_ds=DatasetConfig(shar_path=str(broken), batch_size=3, num_workers=2, max_duration=6.0),
+        validation_ds=ValidationConfig(shar_path=str(broken), batch_size=2, max_duration=6.0),
+    )
+    datasets = build_datasets(cfg, pad_audio_collator, max_epochs=2)
+    out = tmp_path / "ranks"
+    out.mkdir()
+
+    def loop(_config):
+        import torch.distributed as dist
+
+        train = iterate_batches(ray.train.get_dataset_shard("train"))
+        steps = 0
+        for _batch, _meta in train:
+            steps += 1
+            dist.barrier()
+        val = iterate_batches(ray.train.get_dataset_shard("val_default"))
+        ids = [i for _, meta in val for i in meta.ids]
+        rank = ray.train.get_context().get_world_rank()
+        (out / f"{rank}.json").write_text(json.dumps({"steps": steps, "ids": ids, "totals": dict(train.totals)}))
+        ray.train.report({"steps": steps})
+
+    TorchTrainer(
+        loop,
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        datasets=datasets,
+        dataset_config=ray_data_config(datasets),
+        run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="data"),
+    ).fit()
+    ranks = [json.loads((out / f"{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] > 0
+    assert sum(r["totals"].get("corrupt_shards", 0) for r in ranks) == 2
+    ids = ranks[0]["ids"] + ranks[1]["ids"]
+    corrupt_ids = {c.id for c in read_shard(discover_dir(str(asr_dir))[2])}
+    assert sorted(ids) == sorted(_accepted_ids(asr_dir) - corrupt_ids)
+
+
+def _accepted_ids(shar_dir: Path, min_d: float = 0.1, max_d: float = 6.0) -> set[str]:
+    ids = set()
+    for path in sorted(shar_dir.glob("cuts.*.jsonl.gz")):
+        for line in gzip.decompress(path.read_bytes()).decode().splitlines():
+            cut = json.loads(line)
+            text = " ".join(s["text"] for s in cut["supervisions"]).strip()
+            if min_d <= cut["duration"] <= max_d and text:
+                ids.add(cut["id"])
+    return ids
