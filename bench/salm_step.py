@@ -42,6 +42,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from orchestrator.worker_io import keep_freed_memory_in_heap  # noqa: E402
+
 BATCH, SECONDS, SAMPLE_RATE, ANSWER_TOKENS = 8, 4.0, 16000, 23  # + EOS = 24 target tokens
 
 
@@ -96,16 +98,6 @@ def r1_batch(cfg, corpus: list[str]):
     return collator(examples)
 
 
-def tune_malloc() -> None:
-    """Keep freed blocks in the glibc heap for reuse instead of returning them to the OS (Linux only)."""
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    if not (libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 31)):
-        raise OSError("mallopt failed")
-
-
 def cpu_busy_fraction(seconds: float = 2.0) -> float | None:
     """Fraction of all CPUs busy (any process) over `seconds`, from /proc/stat; None off Linux."""
     try:
@@ -134,8 +126,8 @@ def main() -> None:
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "speechlm-bench"))
     args = parser.parse_args()
 
-    if args.tune_malloc:
-        tune_malloc()
+    if args.tune_malloc and not keep_freed_memory_in_heap():
+        raise OSError("mallopt failed")
     busy = cpu_busy_fraction()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

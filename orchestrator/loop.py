@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
@@ -29,6 +28,7 @@ from orchestrator.data.pipeline import COUNTER_NAMES, BatchMeta, iterate_batches
 from orchestrator.progress import format_progress
 from orchestrator.tracking import MetricsLogger
 from orchestrator.validation import run_validation
+from orchestrator.worker_io import keep_freed_memory_in_heap, say, to_device
 from speech_models.registry import build_model
 
 logger = logging.getLogger(__name__)
@@ -96,14 +96,6 @@ def setup_optimizer(model: torch.nn.Module, cfg: ExperimentConfig):
     return optimizer, scheduler
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Numpy arrays become tensors on `device`; lists (texts, ids) pass through."""
-    return {
-        k: torch.from_numpy(np.ascontiguousarray(v)).to(device, non_blocking=True) if isinstance(v, np.ndarray) else v
-        for k, v in batch.items()
-    }
-
-
 # ----------------------------------------------------------------------------------------------- the loop
 
 
@@ -124,6 +116,9 @@ class IntervalStats:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    # Ray Train logs every report with its whole metrics dict at INFO; our own progress lines say it better.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("orchestrator").setLevel(logging.INFO)
     settings = LoopSettings(**config)
     cfg = experiment_from_dict(settings.experiment).cfg
     context = ray.train.get_context()
@@ -131,6 +126,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(settings.threads_per_worker)
     torch.manual_seed(cfg.trainer.seed)
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        keep_freed_memory_in_heap()
 
     model = build_model(cfg.model, cfg.data).to(device)
     autocast = setup_precision(model, cfg.trainer.precision, device)
@@ -144,7 +141,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(Path(directory), model, optimizer, scheduler, rank)
         if rank == 0:
-            print(f"resumed from checkpoint at step {state.step}", flush=True)
+            say(f"resumed from checkpoint at step {state.step}")
 
     metrics_logger = (
         MetricsLogger(settings.tracking_uri, settings.mlflow_run_id)
@@ -185,7 +182,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if state.step % cfg.trainer.log_every_n_steps == 0 or validate_now:
             metrics = _reduce_interval(stats, optimizer, world)
             if rank == 0:
-                print(format_progress(state.step, max_steps, metrics, run_started, start_step), flush=True)
+                say(format_progress(state.step, max_steps, metrics, run_started, start_step))
             if metrics_logger:
                 metrics_logger.log(metrics, state.step)
             stats = IntervalStats()
@@ -196,7 +193,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                              metrics_logger, autocast)
             stats = IntervalStats()  # throughput figures exclude validation time
     if rank == 0:
-        print(f"training finished at step {state.step}", flush=True)
+        say(f"training finished at step {state.step}")
 
 
 def _next_micro_batches(batches: Iterator, accumulate: int, stats: IntervalStats) -> list | None:
@@ -276,7 +273,7 @@ def report_validation_and_checkpoint(
             metrics.update(run_validation(unwrapped, settings.validation_sets, cfg, rank, world))
         if rank == 0:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("val_") and k.count("_") <= 2)
-            print(f"validation at step {state.step}: {shown}", flush=True)
+            say(f"validation at step {state.step}: {shown}")
         if metrics_logger:
             metrics_logger.log(metrics, state.step)
     state.metrics = metrics

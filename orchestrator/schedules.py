@@ -19,7 +19,7 @@ def _warmup_steps(max_steps: int, warmup_steps: int | None, warmup_ratio: float 
     return warmup_steps or 0
 
 
-def CosineAnnealing(  # noqa: N802 - named after NeMo's class so configs read the same
+def CosineAnnealing(
     optimizer: Optimizer,
     max_steps: int,
     warmup_steps: int | None = None,
@@ -47,7 +47,7 @@ def CosineAnnealing(  # noqa: N802 - named after NeMo's class so configs read th
     return LambdaLR(optimizer, [factor_for(lr) for lr in base_lrs], last_epoch=last_epoch)
 
 
-def WarmupAnnealing(  # noqa: N802
+def WarmupAnnealing(
     optimizer: Optimizer,
     max_steps: int,
     warmup_steps: int | None = None,
@@ -73,7 +73,7 @@ def WarmupAnnealing(  # noqa: N802
     return LambdaLR(optimizer, [factor_for(lr) for lr in base_lrs], last_epoch=last_epoch)
 
 
-def InverseSquareRootAnnealing(  # noqa: N802
+def InverseSquareRootAnnealing(
     optimizer: Optimizer,
     max_steps: int,
     warmup_steps: int | None = None,

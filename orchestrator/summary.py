@@ -35,7 +35,7 @@ def summarize(cfg: ExperimentConfig, source: str) -> str:
         f"x{enc.subsampling_factor} {enc.subsampling})"
         + (f" from {m.pretrained_asr}" if m.pretrained_asr else "")
         + f"; adapter {'identity' if adapter is None else f'{adapter.n_layers}x{adapter.d_model}'}",
-        f"tuning       lora={'r=%d' % m.lora.r if m.lora else 'off'}  freeze_params={len(m.freeze_params)} "
+        f"tuning       lora={f'r={m.lora.r}' if m.lora else 'off'}  freeze_params={len(m.freeze_params)} "
         f"prevent_freeze_params={len(m.prevent_freeze_params)}  optimizer={m.optimizer.get('_target_')}",
     ]
     if m.resolved_model_type() != "salm":

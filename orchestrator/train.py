@@ -55,10 +55,7 @@ def plan_resources(cfg: ExperimentConfig, cluster: dict[str, float]) -> Resource
         raise ConfigError(
             ["trainer.accelerator: 'gpu' but the Ray cluster has no GPUs; use trainer.accelerator=cpu "
              "or connect to a cluster with GPU nodes (RAY_ADDRESS)"], "trainer")
-    if t.devices == -1:
-        num_workers = gpus if use_gpu else 1
-    else:
-        num_workers = t.devices * t.num_nodes
+    num_workers = (gpus if use_gpu else 1) if t.devices == -1 else t.devices * t.num_nodes
     cpus = float(cluster.get("CPU", 1))
     if t.cpus_per_worker is not None:
         cpus_per_worker = t.cpus_per_worker
@@ -67,7 +64,7 @@ def plan_resources(cfg: ExperimentConfig, cluster: dict[str, float]) -> Resource
     else:
         # Half the CPUs for training, half for Ray Data; at least a sliver so workers can be scheduled.
         cpus_per_worker = max(0.25, min(1.0, cpus / (2 * num_workers)))
-    threads = max(1, int(round(cpus_per_worker)) if use_gpu else int(max(1, cpus // (2 * num_workers))))
+    threads = max(1, round(cpus_per_worker) if use_gpu else int(max(1, cpus // (2 * num_workers))))
     return Resources(num_workers, use_gpu, cpus_per_worker, threads)
 
 
@@ -89,8 +86,9 @@ def absolute_local_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     for key in ("pretrained_llm", "pretrained_asr", "pretrained_audio_codec", "scoring_asr"):
         model[key] = fix(model[key])
     datasets = [data["data"]["train_ds"]]
-    if data["data"]["validation_ds"]:
-        datasets += list(data["data"]["validation_ds"]["datasets"].values())
+    validation = data["data"]["validation_ds"]
+    if validation:
+        datasets += [validation, *validation["datasets"].values()]
     for ds in datasets:
         ds["shar_path"] = fix(ds["shar_path"])
         for entry in ds["input_cfg"]:
@@ -148,7 +146,7 @@ def run_training(
     from ray.train.torch import TorchTrainer
 
     from orchestrator.checkpointing import resume_data_position
-    from orchestrator.data.pipeline import build_datasets, ray_data_config
+    from orchestrator.data.pipeline import build_datasets, ray_data_config, validation_sets
     from orchestrator.loop import LoopSettings, train_loop_per_worker
     from speech_models.registry import build_collator
 
@@ -167,9 +165,7 @@ def run_training(
     )
 
     train_collator = build_collator(cfg.model, cfg.data, cfg.data.train_ds)
-    val_collators = {}
-    if cfg.data.validation_ds is not None:
-        val_collators = {n: build_collator(cfg.model, cfg.data, ds) for n, ds in cfg.data.validation_ds.datasets.items()}
+    val_collators = {n: build_collator(cfg.model, cfg.data, ds) for n, ds in validation_sets(cfg.data).items()}
     start = resume_data_position(resume_from) if resume_from else None
     datasets = build_datasets(cfg.data, train_collator, val_collators, start_position=start)
 

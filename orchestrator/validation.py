@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.data.pipeline import iterate_batches
+from orchestrator.worker_io import say, to_device
 from speech_models.metrics import corpus_bleu, corpus_wer
 
 
@@ -34,8 +35,6 @@ def _sum(values: list[float], world: int) -> list[float]:
 
 def validate_dataset(model: torch.nn.Module, name: str, cfg: ExperimentConfig, world: int) -> dict[str, Any]:
     """Sums and texts for one validation set, combined over all ranks."""
-    from orchestrator.loop import to_device
-
     device = next(model.parameters()).device
     loss_sum = tokens = correct = 0.0
     hypotheses: list[str] = []
@@ -43,7 +42,7 @@ def validate_dataset(model: torch.nn.Module, name: str, cfg: ExperimentConfig, w
     limit = cfg.trainer.limit_val_batches
     for index, (batch, _meta) in enumerate(iterate_batches(ray.train.get_dataset_shard(f"val_{name}"))):
         if limit is not None and index >= limit:
-            continue  # keep draining so every rank's iterator finishes the epoch in step
+            break  # safe: the next validation pass starts a fresh run of this dataset
         out = model.validation_step(to_device(batch, device))
         loss_sum += float(out["loss_sum"])
         tokens += float(out["num_tokens"])
@@ -77,5 +76,5 @@ def run_validation(model: torch.nn.Module, names: list[str], cfg: ExperimentConf
     if rank == 0:
         for name, result in per_set.items():
             for hyp, ref in list(zip(result["hypotheses"], result["references"], strict=False))[:2]:
-                print(f"  [{name}] ref: {ref}\n  [{name}] hyp: {hyp}", flush=True)
+                say(f"  [{name}] ref: {ref}\n  [{name}] hyp: {hyp}")
     return metrics

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 SelfAttentionModel = Literal["rel_pos", "abs_pos", "rel_pos_local_attn"]
-ConvNormType = Literal["batch_norm", "layer_norm", "group_norm"]
 Subsampling = Literal["dw_striding", "striding"]
 AttContextStyle = Literal["regular", "chunked_limited"]
 PromptFormat = Literal["llama2", "llama3", "qwen", "plain", "chat_template"]
@@ -68,7 +67,7 @@ class ConformerConfig:
     untie_biases: bool = True
     pos_emb_max_len: int = 5000
     conv_kernel_size: int = 9
-    conv_norm_type: ConvNormType = "batch_norm"
+    conv_norm_type: str = "batch_norm"  # batch_norm | layer_norm | group_norm<N> (NeMo also spells groupnorm<N>)
     # null -> symmetric [(k-1)//2, (k-1)//2]; "causal" -> [k-1, 0]; or an explicit [left, right] pair
     conv_context_size: Literal["causal", "regular"] | list[int] | None = None
     dropout: float = 0.1

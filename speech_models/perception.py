@@ -314,7 +314,8 @@ class ConvSubsampling(nn.Module):
 class RelPositionalEncoding(nn.Module):
     """Sinusoids for relative positions L-1 ... -(L-1) (Transformer-XL), plus NeMo's input x-scaling.
 
-    The table is a non-persistent buffer grown on demand, so no length limit is baked into checkpoints.
+    The table is a cache grown on demand (and moved to the input's device), not a buffer: no length limit
+    is baked into checkpoints, and DDP never sees a tensor whose size differs between ranks.
     """
 
     def __init__(self, d_model: int, dropout: float, dropout_emb: float, xscale: float | None, relative: bool):
@@ -324,7 +325,8 @@ class RelPositionalEncoding(nn.Module):
         self.relative = relative
         self.dropout = nn.Dropout(dropout)
         self.dropout_emb = nn.Dropout(dropout_emb) if dropout_emb > 0 else None
-        self.register_buffer("pe", torch.empty(1, 0, d_model), persistent=False)
+        # A plain attribute, not a buffer: it changes size, and DDP broadcasts (and FSDP shards) buffers.
+        self.pe = torch.empty(1, 0, d_model)
         self.max_len = 0
 
     def _extend(self, length: int, device: torch.device) -> None:
@@ -459,8 +461,8 @@ class ConformerConvolution(nn.Module):
             self.batch_norm: nn.Module = nn.BatchNorm1d(d_model)
         elif norm_type == "layer_norm":
             self.batch_norm = nn.LayerNorm(d_model)
-        elif norm_type.startswith("group_norm"):
-            groups = int(norm_type[len("group_norm") :] or 1)  # NeMo spells it group_norm<N>
+        elif norm_type.startswith(("group_norm", "groupnorm")):
+            groups = int(norm_type.removeprefix("group_norm").removeprefix("groupnorm") or 1)  # group_norm<N>
             self.batch_norm = nn.GroupNorm(groups, d_model)
         else:
             raise ValueError(f"conv_norm_type {norm_type!r} is not one of ['batch_norm', 'layer_norm', 'group_norm']")

@@ -293,7 +293,7 @@ def consume(iterators, limit: int | None = None) -> list[tuple[list[str], Counte
         stream = iterate_batches(iterators[rank])
         results[rank] = ([meta.ids for _, meta in stream], stream.totals)
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(iterators))]
+    threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(len(iterators))]
     for t in threads:
         t.start()
     for t in threads:
@@ -336,10 +336,15 @@ def test_validation_sets_are_scored_exactly_once_across_ranks(ray_session, asr_d
     assert len(ids) == len(set(ids)) == expected_counts(asr_dir)["cuts_batched"]
 
 
-def test_validation_runs_while_the_training_stream_holds_every_cpu(ray_session, asr_dir):
-    """Mid-training validation: paused training read tasks keep their CPUs; validation must not wait for them."""
+def test_validation_runs_while_the_training_stream_holds_every_cpu(ray_session, asr_dir, monkeypatch):
+    """Mid-training validation: training read tasks are long-lived and keep their CPUs (paused ones too);
+    validation must not wait for them."""
     import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
 
+    import orchestrator.data.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "MAX_READ_TASKS", 2)  # two training tasks that never finish in this test
     cfg = data_cfg(asr_dir, num_workers=2)
     cfg.validation_ds = ValidationConfig(shar_path=str(asr_dir), batch_size=4, max_duration=6.0)
     datasets = build_datasets(cfg, pad_audio_collator, max_epochs=None)
@@ -349,15 +354,15 @@ def test_validation_runs_while_the_training_stream_holds_every_cpu(ray_session, 
         for _ in range(3):
             next(train)
         spare = ray.available_resources().get("CPU", 0.0)  # book every CPU the training stream left
-        if spare > 0:
-            holder = ray.remote(num_cpus=spare)(threading.Event).remote()
-            ray.get(holder.is_set.remote())
+        if spare > 0:  # a placement group reserves them without starting a process
+            holder = placement_group([{"CPU": spare}])
+            ray.get(holder.ready(), timeout=60)
         ((batches, _),) = consume([datasets["val_default"]])
         assert sum(map(len, batches)) == expected_counts(asr_dir)["cuts_batched"]
     finally:
         train.close()
         if holder is not None:
-            ray.kill(holder)
+            remove_placement_group(holder)
 
 
 def test_strict_mode_error_reaches_the_training_worker(ray_session, tmp_path, asr_dir):

@@ -6,11 +6,14 @@ here, so one `speechlm validate` run lists every problem.
 
 from __future__ import annotations
 
+import itertools
 import re
 
 from orchestrator.config.schema import DatasetConfig, ExperimentConfig
 from orchestrator.config.targets import target_problem
 from speech_models.config import ConformerConfig
+
+CONV_NORM = re.compile(r"^(batch_norm|layer_norm|group_?norm\d*)$")
 
 
 def check_experiment(cfg: ExperimentConfig, problems: list[str]) -> None:
@@ -90,12 +93,17 @@ def _check_conformer(enc: ConformerConfig, path: str, problems: list[str]) -> No
         problems.append(f"{path}.d_model: {enc.d_model} is not divisible by n_heads ({enc.n_heads})")
     if len(enc.att_context_size) != 2:
         problems.append(f"{path}.att_context_size: {enc.att_context_size} must be [left, right]")
-    if isinstance(enc.conv_context_size, list):
-        if len(enc.conv_context_size) != 2 or sum(enc.conv_context_size) + 1 != enc.conv_kernel_size:
-            problems.append(
-                f"{path}.conv_context_size: {enc.conv_context_size} must be [left, right] with "
-                f"left + right + 1 == conv_kernel_size ({enc.conv_kernel_size})"
-            )
+    context = enc.conv_context_size
+    if isinstance(context, list) and (len(context) != 2 or sum(context) + 1 != enc.conv_kernel_size):
+        problems.append(
+            f"{path}.conv_context_size: {context} must be [left, right] with "
+            f"left + right + 1 == conv_kernel_size ({enc.conv_kernel_size})"
+        )
+    if not CONV_NORM.match(enc.conv_norm_type):
+        problems.append(
+            f"{path}.conv_norm_type: {enc.conv_norm_type!r} is not allowed; choose batch_norm, layer_norm or "
+            "group_norm<N> (N groups, e.g. group_norm4)"
+        )
     if enc.subsampling_factor < 1 or enc.subsampling_factor & (enc.subsampling_factor - 1):
         problems.append(f"{path}.subsampling_factor: {enc.subsampling_factor} must be a power of 2")
 
@@ -112,7 +120,7 @@ def _check_dataset(ds: DatasetConfig, path: str, problems: list[str]) -> None:
             problems.append(f"{path}.{key}: {value} must be positive")
     if ds.use_bucketing and ds.bucket_duration_bins is not None:
         bins = ds.bucket_duration_bins
-        if any(nxt <= prev for prev, nxt in zip(bins, bins[1:], strict=False)):
+        if any(nxt <= prev for prev, nxt in itertools.pairwise(bins)):
             problems.append(f"{path}.bucket_duration_bins: {bins} must be strictly increasing")
         if len(bins) != ds.num_buckets:
             problems.append(

@@ -96,7 +96,7 @@ def _resolve(user: Any, merged: Any, path: str, problems: list[str]) -> Any:
     time so that one broken reference does not hide the others."""
     if isinstance(user, DictConfig) and isinstance(merged, DictConfig):
         out = {}
-        for key in user.keys():
+        for key in user:
             key_path = f"{path}.{key}" if path else str(key)
             value = _get(merged, key, key_path, problems)
             out[str(key)] = _resolve(user._get_node(key), value, key_path, problems)

@@ -89,7 +89,8 @@ def _inherit_validation_settings(validation_ds: dict[str, Any]) -> None:
     datasets = validation_ds.get("datasets")
     if not isinstance(datasets, dict):
         return
-    shared = {k: v for k, v in validation_ds.items() if k != "datasets"}
+    # Validation reads every cut once in order, so an unset `shuffle` means False here (not DatasetConfig's True).
+    shared = {"shuffle": False, **{k: v for k, v in validation_ds.items() if k != "datasets"}}
     for name, own in list(datasets.items()):
         if isinstance(own, dict):
             datasets[name] = {**shared, **own}

@@ -87,7 +87,9 @@ class InputConfig:
     """One entry of `input_cfg` (NeMo's lhotse input config)."""
 
     type: Literal["lhotse_shar", "lhotse_as_conversation"] = "lhotse_shar"
-    shar_path: str | list[str] | None = None  # a dir, a list of dirs, or an fsspec URL
+    # a dir, a list of dirs (or NeMo's [dir, weight] pairs), an fsspec URL, or {field: [shard URLs]} for
+    # object stores that cannot list
+    shar_path: str | list[Any] | dict[str, list[str]] | None = None
     cuts_path: str | None = None  # lhotse_as_conversation: a cuts manifest or a Shar dir
     weight: float = 1.0
     audio_locator_tag: str | None = None
@@ -100,7 +102,7 @@ class DatasetConfig:
 
     sample_rate: int = 16000
     input_cfg: list[InputConfig] = field(default_factory=list)
-    shar_path: str | list[str] | None = None  # shorthand for a single lhotse_shar input
+    shar_path: str | list[Any] | dict[str, list[str]] | None = None  # shorthand for one lhotse_shar input
     prompt_format: str | None = None
     token_equivalent_duration: float | None = None
     seed: int = 42

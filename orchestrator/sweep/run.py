@@ -1,0 +1,515 @@
+"""`speechlm sweep`: a validated sweep spec -> Ray Tune, one Ray Train run per trial, tracked in MLflow.
+
+The shape (Ray Train v2 + Tune): a Tune trial is a small function that loads the base config with the
+trial's values and calls `orchestrator.train.run_training` - exactly what `speechlm train` does - with the
+trial's own run dir `<sweep dir>/trials/<trial id>`, so a restarted trial resumes from its own checkpoints.
+
+How results reach Tune: a `ray.train.UserCallback` in the Train controller forwards only the validation
+reports (they carry `step` and the metric) through a Ray queue to the trial function, which calls
+`tune.report` with a tiny pointer checkpoint (the path of the Train checkpoint). Log-step reports stay out of
+Tune: they lack the metric, which Tune's strict metric check rejects, and ASHA/PBT act on validations only.
+The pointer checkpoints are what PBT copies between trials.
+
+Status: the driver's `TrialStatusCallback` tags each child MLflow run with speechlm.trial_status =
+finished | early_stopped (stopped by the scheduler or the time budget before trainer.max_steps) | failed,
+and closes runs whose trial was stopped before it could close them itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import yaml
+from ray import tune
+
+from orchestrator import storage, tracking
+from orchestrator.config import ConfigError, flatten, to_yaml
+from orchestrator.sweep import search_space
+from orchestrator.sweep.report import trial_status
+from orchestrator.sweep.spec import LoadedSweep, SweptParam
+
+logger = logging.getLogger(__name__)
+
+TUNE_DIR = "tune"  # <sweep dir>/tune: Tune's experiment state (what --resume restores)
+TRIALS_DIR = "trials"  # <sweep dir>/trials/<trial id>: each trial's Ray Train run dir
+SPEC_FILE = "sweep_spec.yaml"  # the spec as resolved when the sweep started (resume checks it)
+POINTER_FILE = "train_checkpoint.json"
+TRIAL_ID_TAG = "speechlm.trial_id"
+TRIAL_STATUS_TAG = "speechlm.trial_status"
+SWEEP_TAG = "speechlm.sweep"
+CURVE_KEYS = ["loss", "val_loss", "val_acc", "val_wer", "val_txt_bleu"]
+
+
+class TrialFailedError(RuntimeError):
+    """A trial's training run failed; Tune records the trial as errored and the sweep goes on."""
+
+
+@dataclass
+class SweepContext:
+    """What every trial needs besides its sampled values; pickled into the trial function."""
+
+    loaded: LoadedSweep
+    tracking_uri: str
+    experiment_name: str
+    parent_run_id: str
+    cwd: str
+
+
+@dataclass
+class SweepOutcome:
+    ok: bool  # the sweep ran to its end (some trials may have failed)
+    interrupted: bool
+    sweep_dir: str
+    trials: list[Any] = field(default_factory=list)  # report.TrialRecord, best first
+    best_config: str | None = None
+    tracking_uri: str | None = None
+    parent_run_id: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------ trial
+
+
+class ForwardValidationReports(ray.train.UserCallback):
+    """Runs in the Train controller: validation reports (they carry `step`) -> the trial's queue."""
+
+    def __init__(self, queue) -> None:
+        self._queue = queue
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        first = metrics[0] if metrics else {}
+        if "step" not in first:  # a log-step report: no validation metric
+            return
+        self._queue.put({"metrics": dict(first), "checkpoint": checkpoint.path if checkpoint else None})
+
+
+def trial_run_dir(sweep_dir: str, trial_id: str, pointer: dict[str, Any] | None) -> tuple[str, str | None]:
+    """(run dir, checkpoint to start from) for a trial, given the Tune checkpoint it was (re)started with.
+
+    No pointer: the trial's own dir (resumes by itself when it holds checkpoints). Its own pointer: the dir it
+    was reporting from. Another trial's pointer (PBT exploit): a new dir that starts from that checkpoint.
+    """
+    own = f"{sweep_dir.rstrip('/')}/{TRIALS_DIR}/{trial_id}"
+    if pointer is None:
+        return own, None
+    if pointer["trial_id"] == trial_id:
+        return pointer["run_dir"], None
+    run_dir = f"{own}-from-{pointer['trial_id']}-step{int(pointer['step'])}"
+    return run_dir, (pointer["checkpoint"] if storage.latest_checkpoint(run_dir) is None else None)
+
+
+def trial_overrides(context: SweepContext, trial_id: str, run_dir: str, start_from: str | None) -> list[str]:
+    """Where a trial writes and how it is tracked: appended after the fixed and swept overrides."""
+    name = Path(run_dir).name
+    return [
+        f"exp_manager.explicit_log_dir={json.dumps(run_dir)}",
+        "exp_manager.resume_if_exists=true",
+        "exp_manager.resume_ignore_no_checkpoint=true",
+        f"exp_manager.resume_from_checkpoint={json.dumps(start_from)}",
+        "exp_manager.create_mlflow_logger=true",
+        f"exp_manager.mlflow_logger_kwargs.tracking_uri={json.dumps(context.tracking_uri)}",
+        f"exp_manager.mlflow_logger_kwargs.experiment_name={json.dumps(context.experiment_name)}",
+        f"exp_manager.mlflow_logger_kwargs.run_name={json.dumps(name)}",
+    ]
+
+
+def run_trial(config: dict[str, Any], context: SweepContext) -> None:
+    """One Tune trial: the base config with this trial's values, trained by `run_training`."""
+    from ray.util.queue import Queue
+
+    from orchestrator.train import run_training
+
+    trial_id = tune.get_context().get_trial_id()
+    if Path(context.cwd).is_dir():  # relative data paths in configs mean the launch directory
+        os.chdir(context.cwd)
+    loaded = context.loaded
+    checkpoint = tune.get_checkpoint()
+    pointer = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            pointer = json.loads((Path(directory) / POINTER_FILE).read_text())
+    run_dir, start_from = trial_run_dir(loaded.sweep_dir, trial_id, pointer)
+    overrides = loaded.trial_overrides(config) + trial_overrides(context, trial_id, run_dir, start_from)
+    cfg = loaded.trial_config(config, trial_overrides(context, trial_id, run_dir, start_from)).cfg
+    _log_attempt(run_dir, trial_id, overrides, start_from)
+    tags = {
+        TRIAL_ID_TAG: trial_id,
+        SWEEP_TAG: loaded.spec.name,
+        TRIAL_STATUS_TAG: "running",
+        **{f"sweep.{p.key}": str(config[p.key]) for p in loaded.params},
+    }
+    queue = Queue(actor_options={"num_cpus": 0})
+    outcome: dict[str, Any] = {}
+
+    def train() -> None:
+        try:
+            outcome["result"] = run_training(
+                cfg,
+                source=f"sweep {loaded.source} trial {trial_id}",
+                parent_run_id=context.parent_run_id,
+                extra_tags=tags,
+                callbacks=[ForwardValidationReports(queue)],
+            )
+        except BaseException as exc:  # reported below, from the Tune thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=train, name=f"train-{trial_id}", daemon=True)
+    thread.start()
+    _pump_reports(queue, thread, trial_id, run_dir)
+    if "error" in outcome:
+        raise TrialFailedError(f"trial {trial_id} ({run_dir}) raised: {outcome['error']!r}") from outcome["error"]
+    result = outcome["result"]
+    if not result.ok:
+        raise TrialFailedError(f"trial {trial_id} failed; run dir {run_dir}: {result.error}")
+
+
+def _pump_reports(queue, thread: threading.Thread, trial_id: str, run_dir: str) -> None:
+    """Forward validation reports to Tune until training ends (Tune may stop the trial inside tune.report)."""
+    from ray.util.queue import Empty
+
+    while True:
+        try:
+            item = queue.get(timeout=1.0)
+        except Empty:
+            if thread.is_alive():
+                continue
+            break
+        _report_to_tune(item, trial_id, run_dir)
+    while not queue.empty():  # training ended: every report is already in the queue
+        _report_to_tune(queue.get_nowait(), trial_id, run_dir)
+
+
+def _report_to_tune(item: dict[str, Any], trial_id: str, run_dir: str) -> None:
+    metrics = {k: v for k, v in item["metrics"].items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    if item["checkpoint"] is None:
+        tune.report(metrics)
+        return
+    pointer = {"trial_id": trial_id, "run_dir": run_dir, "checkpoint": item["checkpoint"], "step": metrics["step"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / POINTER_FILE).write_text(json.dumps(pointer))
+        tune.report({**metrics, "checkpoint_path": item["checkpoint"]}, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _log_attempt(run_dir: str, trial_id: str, overrides: list[str], start_from: str | None) -> None:
+    """One JSON line per (re)start of a trial in <run dir>/../<trial id>.attempts.jsonl (local sweep dirs)."""
+    if "://" in run_dir:
+        return
+    path = Path(run_dir).parent / f"{trial_id}.attempts.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "run_dir": run_dir,
+        "resumed_from": storage.latest_checkpoint(run_dir) or start_from,
+        "overrides": overrides,
+    }
+    with path.open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ callbacks
+
+
+class TrialStatusCallback(tune.Callback):
+    """Driver-side Tune callback: trial status into MLflow, and a live table on the terminal."""
+
+    def __init__(self, context: SweepContext, table_every_s: float = 30.0) -> None:
+        self.context = context
+        self.table_every_s = table_every_s
+        self._last_table = 0.0
+        self._dirty = False
+
+    # Tune hooks ------------------------------------------------------------------------------------
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        print(
+            f"[sweep] trial {trial.trial_id} started: {_param_text(self.context.loaded.params, trial.config)}",
+            flush=True,
+        )
+        self._dirty = True
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        metric = self.context.loaded.spec.metric
+        if metric in result:
+            print(
+                f"[sweep] trial {trial.trial_id} step {int(result.get('step', 0))}: {metric}={result[metric]:.4g}",
+                flush=True,
+            )
+        self._dirty = True
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        step = (trial.last_result or {}).get("step")
+        status = trial_status("TERMINATED", step, self.context.loaded)
+        print(f"[sweep] trial {trial.trial_id} {status.replace('_', ' ')} at step {int(step or 0)}", flush=True)
+        self._mark(trial.trial_id, status, None)
+        self._print_table(trials, {trial.trial_id: status})
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        error = _error_text(trial)
+        print(f"[sweep] trial {trial.trial_id} FAILED: {error.splitlines()[-1] if error else '?'}", flush=True)
+        self._mark(trial.trial_id, "failed", error, config=trial.config)
+        self._print_table(trials, {trial.trial_id: "failed"})
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        if self._dirty and time.monotonic() - self._last_table >= self.table_every_s:
+            self._print_table(trials)
+
+    # helpers ---------------------------------------------------------------------------------------
+    def _print_table(self, trials, status: dict[str, str] | None = None) -> None:
+        from orchestrator.sweep.report import live_table
+
+        print(live_table(trials, self.context.loaded, status), flush=True)
+        self._last_table = time.monotonic()
+        self._dirty = False
+
+    def _mark(self, trial_id: str, status: str, error: str | None, config: dict | None = None) -> None:
+        """Tag the trial's child runs; close runs the trial could not close; record failures that never
+        reached MLflow (e.g. before training started) as a failed child run."""
+        try:
+            mark_trial_runs(self.context, trial_id, status, error, config)
+        except Exception as exc:  # tracking must never stop a sweep
+            logger.warning("could not record the status of trial %s in MLflow: %s", trial_id, exc)
+
+
+def mark_trial_runs(context: SweepContext, trial_id: str, status: str, error: str | None, config: dict | None) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=context.tracking_uri)
+    runs = child_runs(context.tracking_uri, context.experiment_name, context.parent_run_id, trial_id)
+    if not runs and status == "failed":
+        run_dir = f"{context.loaded.sweep_dir}/{TRIALS_DIR}/{trial_id}"
+        params = {p.key: (config or {}).get(p.key) for p in context.loaded.params}
+        run_id = tracking.start_or_resume_run(
+            context.tracking_uri,
+            context.experiment_name,
+            run_dir,
+            trial_id,
+            params,
+            {TRIAL_ID_TAG: trial_id, SWEEP_TAG: context.loaded.spec.name},
+            parent_run_id=context.parent_run_id,
+        )
+        runs = [client.get_run(run_id)]
+    for run in runs:
+        run_id = run.info.run_id
+        client.set_tag(run_id, TRIAL_STATUS_TAG, status)
+        if error:
+            client.set_tag(run_id, "speechlm.error", error[-4000:])
+        if run.info.status == "RUNNING":  # stopped (or failed) before run_training could close it
+            tracking.finish_run(
+                context.tracking_uri,
+                run_id,
+                "FAILED" if status == "failed" else "FINISHED",
+                tags={},
+                curve_keys=CURVE_KEYS,
+            )
+
+
+def child_runs(tracking_uri: str, experiment_name: str, parent_run_id: str, trial_id: str | None = None) -> list:
+    """The MLflow child runs of a sweep (of one trial when trial_id is given)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return []
+    query = f"tags.`{tracking.PARENT_TAG}` = '{parent_run_id}'"
+    if trial_id:
+        query += f" and tags.`{TRIAL_ID_TAG}` = '{trial_id}'"
+    return list(client.search_runs([experiment.experiment_id], filter_string=query, max_results=10000))
+
+
+def _error_text(trial) -> str:
+    path = getattr(trial, "error_file", None)
+    try:
+        return Path(path).read_text().strip() if path and Path(path).is_file() else ""
+    except OSError:
+        return ""
+
+
+def _param_text(params: list[SweptParam], config: dict[str, Any]) -> str:
+    return ", ".join(f"{p.key}={config.get(p.key)}" for p in params)
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def plan_concurrency(loaded: LoadedSweep, cluster: dict[str, float]) -> tuple[int, str]:
+    """max_concurrent_trials and why: as many trials as the cluster fits, keeping half the CPUs for Ray Data."""
+    from orchestrator.train import plan_resources
+
+    if loaded.spec.max_concurrent_trials is not None:
+        return loaded.spec.max_concurrent_trials, "from the spec"
+    res = plan_resources(loaded.base.cfg, cluster)
+    if res.use_gpu:
+        fit = int(cluster.get("GPU", 0) // res.num_workers)
+        return max(1, fit), f"{int(cluster.get('GPU', 0))} GPUs / {res.num_workers} workers per trial"
+    per_trial = res.num_workers * res.cpus_per_worker
+    fit = int(cluster.get("CPU", 1) // (2 * per_trial))
+    return max(1, fit), f"{cluster.get('CPU', 1):g} CPUs, {per_trial:g} per trial, half kept for Ray Data"
+
+
+def sweep_tracking(loaded: LoadedSweep) -> tuple[str, str]:
+    """(tracking URI, experiment name): the spec's, else the base config's URI / the sweep name."""
+    from orchestrator.runs import mlflow_tracking_uri
+
+    exp = dataclasses.replace(loaded.base.cfg.exp_manager)
+    if loaded.spec.mlflow.tracking_uri:
+        exp.mlflow_logger_kwargs = {**exp.mlflow_logger_kwargs, "tracking_uri": loaded.spec.mlflow.tracking_uri}
+    uri = mlflow_tracking_uri(exp, loaded.sweep_dir)
+    return uri, loaded.spec.mlflow.experiment_name or loaded.spec.name
+
+
+def spec_record(loaded: LoadedSweep) -> dict[str, Any]:
+    """What identifies a sweep: the resolved spec plus the fixed overrides (saved; resume compares it)."""
+    return {
+        "spec": dataclasses.asdict(loaded.spec),
+        "fixed_overrides": loaded.fixed_overrides,
+        "base": loaded.base_path,
+        "smoke": loaded.smoke,
+    }
+
+
+def check_resume(loaded: LoadedSweep, resume: bool) -> None:
+    """Refuse to silently mix a new sweep into an old one, or to resume something that is not there."""
+    tune_path = f"{loaded.sweep_dir}/{TUNE_DIR}"
+    exists = tune.Tuner.can_restore(tune_path)
+    if resume and not exists:
+        raise ConfigError(
+            [f"--resume: no sweep state in {tune_path}; run without --resume to start this sweep"], loaded.source
+        )
+    if not resume and exists:
+        raise ConfigError(
+            [
+                f"{loaded.sweep_dir} already holds sweep {loaded.spec.name!r}; pass --resume to continue it (finished "
+                "trials are kept), or start a new one with name=<new name> or output_dir=<dir>"
+            ],
+            loaded.source,
+        )
+    saved = Path(loaded.sweep_dir) / SPEC_FILE
+    if resume and "://" not in loaded.sweep_dir and saved.is_file():
+        before = flatten(yaml.safe_load(saved.read_text()))
+        now = flatten(json.loads(json.dumps(spec_record(loaded))))
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        if changed:
+            raise ConfigError(
+                [
+                    f"--resume: the spec differs from the one this sweep started with ({saved}) in: "
+                    f"{', '.join(changed)}; Tune resumes the original search space. Revert the change, or start a "
+                    "new sweep with name=<new name>"
+                ],
+                loaded.source,
+            )
+
+
+def run_sweep(loaded: LoadedSweep, resume: bool = False, retry_failed: bool = False) -> SweepOutcome:
+    """Run (or resume) the sweep to its end; write the results table, best config and plot; track in MLflow."""
+    from orchestrator.sweep import report
+    from orchestrator.train import connect_ray
+
+    check_resume(loaded, resume)
+    # Trials must see the launch directory (relative data paths), and Train workers the same.
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    connect_ray()
+    print(search_space.describe(loaded), flush=True)
+    concurrency, why = plan_concurrency(loaded, ray.cluster_resources())
+    print(f"max_concurrent_trials: {concurrency} ({why})", flush=True)
+
+    sweep_dir = loaded.sweep_dir
+    if "://" not in sweep_dir:
+        Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (Path(sweep_dir) / SPEC_FILE).write_text(
+                yaml.safe_dump(json.loads(json.dumps(spec_record(loaded))), sort_keys=False)
+            )
+    tracking_uri, experiment = sweep_tracking(loaded)
+    parent_run_id = start_parent_run(loaded, tracking_uri, experiment)
+    context = SweepContext(loaded, tracking_uri, experiment, parent_run_id, os.getcwd())
+
+    # The trial function only waits on its Train run; the TorchTrainer's workers hold the real resources.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": 0.01})
+    callbacks = [TrialStatusCallback(context)]
+    tune_path = f"{sweep_dir}/{TUNE_DIR}"
+    if resume:
+        print(
+            f"resuming sweep from {tune_path} (finished trials are kept, unfinished ones continue from their "
+            "last checkpoint" + (", failed ones are retried" if retry_failed else "") + ")",
+            flush=True,
+        )
+        tuner = tune.Tuner.restore(
+            tune_path,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=retry_failed,
+            param_space=search_space.param_space(loaded),
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search_space.param_space(loaded),
+            tune_config=tune.TuneConfig(
+                metric=loaded.spec.metric,
+                mode=loaded.spec.mode,
+                search_alg=search_space.search_alg(loaded, concurrency),
+                scheduler=search_space.scheduler(loaded),
+                num_samples=loaded.spec.num_samples,
+                time_budget_s=loaded.spec.time_budget_s,
+                trial_dirname_creator=lambda trial: trial.trial_id,
+            ),
+            run_config=tune.RunConfig(
+                name=TUNE_DIR,
+                storage_path=sweep_dir,
+                failure_config=tune.FailureConfig(max_failures=loaded.spec.max_failures),
+                callbacks=callbacks,
+                verbose=0,  # the callback prints a compact table; Tune's own would list every val_* column
+            ),
+        )
+    started = time.monotonic()
+    tuner.fit()  # failed trials are in the results, not raised; Ctrl-C returns here with the state saved
+    elapsed = time.monotonic() - started
+    trials = report.collect_trials(tune_path, loaded)
+    interrupted = any(t.status in ("pending", "running", "paused") for t in trials)
+    outcome = report.finish_sweep(loaded, trials, context, elapsed, interrupted)
+    return outcome
+
+
+def start_parent_run(loaded: LoadedSweep, tracking_uri: str, experiment: str) -> str:
+    """The sweep's MLflow parent run (continued on --resume): spec params, spec and base config artifacts."""
+    params = {
+        f"sweep.{k}": v
+        for k, v in flatten(dataclasses.asdict(loaded.spec)).items()
+        if not k.startswith(("search_space.", "smoke."))
+    }
+    params.update({f"search_space.{p.key}": _describe_param(p) for p in loaded.params})
+    params["sweep.fixed_overrides"] = " ".join(loaded.fixed_overrides)
+    run_id = tracking.start_or_resume_run(
+        tracking_uri,
+        experiment,
+        loaded.sweep_dir,
+        run_name=loaded.spec.name + ("-smoke" if loaded.smoke else ""),
+        params=params,
+        tags={
+            "speechlm.kind": "sweep",
+            "speechlm.spec": loaded.source,
+            "speechlm.base_config": loaded.base_path,
+            "speechlm.metric": loaded.spec.metric,
+        },
+    )
+    tracking.log_text_artifact(tracking_uri, run_id, Path(loaded.source).read_text(), "sweep_spec.yaml")
+    tracking.log_text_artifact(tracking_uri, run_id, to_yaml(loaded.base.cfg), "base_config.yaml")
+    return run_id
+
+
+def _describe_param(p: SweptParam) -> str:
+    if p.presets:
+        return f"{p.kind} presets " + json.dumps(dict(p.presets))
+    if p.discrete:
+        return f"{p.kind} {json.dumps(list(p.options))}"
+    return f"{p.kind} {list(p.bounds)}"
