@@ -70,8 +70,10 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     if write_model:
         save_file(_kept_model_state(model, model_state), str(directory / WEIGHTS_FILE))
-        torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict() if scheduler else None},
-                   directory / TRAINER_STATE_FILE)
+        torch.save(
+            {"optimizer": optim_state, "scheduler": scheduler.state_dict() if scheduler else None},
+            directory / TRAINER_STATE_FILE,
+        )
         (directory / STATE_FILE).write_text(
             json.dumps({"format_version": FORMAT_VERSION, "step": state.step, "metrics": state.metrics}, indent=2)
         )
@@ -117,8 +119,9 @@ def load_checkpoint(
     saved_weights = load_file(str(directory / WEIGHTS_FILE))
     trainer_state = torch.load(directory / TRAINER_STATE_FILE, map_location="cpu", weights_only=False)
     options = StateDictOptions(full_state_dict=True, strict=False)
-    set_state_dict(model, optimizer, model_state_dict=saved_weights, optim_state_dict=trainer_state["optimizer"],
-                   options=options)
+    set_state_dict(
+        model, optimizer, model_state_dict=saved_weights, optim_state_dict=trainer_state["optimizer"], options=options
+    )
     if scheduler is not None and trainer_state["scheduler"] is not None:
         scheduler.load_state_dict(trainer_state["scheduler"])
     position_file = directory / f"data_position.rank{rank}.json"

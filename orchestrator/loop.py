@@ -153,16 +153,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stats = IntervalStats()
     trainable = [p for p in model.parameters() if p.requires_grad]
     run_started = time.perf_counter()
-    start_step = state.step
+    start_step = last_validated = state.step
 
     while state.step < max_steps:
         model.train()
         micro_batches = _next_micro_batches(batches, accumulate, stats)
-        if micro_batches is None:  # the data ran out (max_epochs reached): every rank sees it at once
+        if micro_batches is None:  # trainer.max_epochs reached: the equal split ends every rank at this step
+            say(f"data exhausted after {cfg.trainer.max_epochs} epoch(s) at step {state.step}")
             break
         for index, (batch, meta) in enumerate(micro_batches):
             sync = index == len(micro_batches) - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
+            with contextlib.nullcontext() if sync else model.no_sync(), autocast():
                 out = model(to_device(batch, device))
             (out["loss"] / len(micro_batches)).backward()
             _accumulate(stats, out, meta, len(micro_batches))
@@ -189,9 +190,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if not validate_now:
                 ray.train.report(metrics)
         if validate_now:
-            report_validation_and_checkpoint(unwrapped, model, optimizer, scheduler, state, settings, cfg, rank, world,
-                                             metrics_logger, autocast)
+            report_validation_and_checkpoint(
+                unwrapped, model, optimizer, scheduler, state, settings, cfg, rank, world, metrics_logger, autocast
+            )
+            last_validated = state.step
             stats = IntervalStats()  # throughput figures exclude validation time
+    if state.step > last_validated:  # stopped by the data, not by max_steps: keep the final weights too
+        report_validation_and_checkpoint(
+            unwrapped, model, optimizer, scheduler, state, settings, cfg, rank, world, metrics_logger, autocast
+        )
     if rank == 0:
         say(f"training finished at step {state.step}")
 
@@ -227,7 +234,9 @@ def _reduce_interval(stats: IntervalStats, optimizer, world: int) -> dict[str, f
     component_keys = sorted(stats.components)  # the model's loss components: the same on every rank
     counter_keys = COUNTER_NAMES
     averaged = [stats.loss, stats.grad_norm, stats.data_wait] + [stats.components[k] for k in component_keys]
-    summed = [stats.audio_seconds, stats.padded_seconds, stats.target_tokens] + [stats.counters.get(k, 0.0) for k in counter_keys]
+    summed = [stats.audio_seconds, stats.padded_seconds, stats.target_tokens] + [
+        stats.counters.get(k, 0.0) for k in counter_keys
+    ]
     values = torch.tensor(averaged + summed, dtype=torch.float64)
     if world > 1:
         dist.all_reduce(values)  # gloo/nccl sum; averaged entries are divided by world below

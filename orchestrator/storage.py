@@ -7,13 +7,14 @@ import re
 
 import pyarrow.fs as pafs
 
+from orchestrator.object_storage import pyarrow_filesystem
+
 CHECKPOINT_DIR = re.compile(r"^step=(\d+)")
 
 
 def _fs(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), path
+    # The same filesystem (custom S3 endpoint included) that train.py hands to Ray as storage_filesystem.
+    return pyarrow_filesystem(path)
 
 
 def _join(base: str, name: str) -> str:

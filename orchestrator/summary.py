@@ -41,8 +41,8 @@ def summarize(cfg: ExperimentConfig, source: str) -> str:
     if m.resolved_model_type() != "salm":
         lines.append(
             f"speech       codec={m.pretrained_audio_codec}  loss = {m.text_loss_weight}*text + "
-            f"{m.audio_loss_weight}*audio" + (f"  speech_decoder {m.speech_decoder.n_layers}x{m.speech_decoder.d_model}"
-                                              if m.speech_decoder else "")
+            f"{m.audio_loss_weight}*audio"
+            + (f"  speech_decoder {m.speech_decoder.n_layers}x{m.speech_decoder.d_model}" if m.speech_decoder else "")
         )
     lines += [
         f"trainer      workers={workers} accelerator={t.accelerator} precision={t.precision} strategy={t.strategy} "

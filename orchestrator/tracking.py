@@ -40,7 +40,11 @@ def git_commit() -> str:
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=5
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout.strip()
         return f"{commit}-dirty" if dirty else commit
     except (OSError, subprocess.SubprocessError):
@@ -72,7 +76,10 @@ def start_or_resume_run(
         artifact_root = Path(tracking_uri[len("sqlite:///") :]).parent.joinpath("mlartifacts").as_uri()
     experiment_id = _experiment_id(client, experiment_name, artifact_root)
     existing = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir}'", max_results=1, order_by=["start_time DESC"]
+        [experiment_id],
+        filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir}'",
+        max_results=1,
+        order_by=["start_time DESC"],
     )
     if existing:
         run_id = existing[0].info.run_id
@@ -159,9 +166,7 @@ def plot_curves(tracking_uri: str, run_id: str, keys: list[str], out_file: Path)
     return out_file
 
 
-def finish_run(
-    tracking_uri: str, run_id: str, status: str, tags: dict[str, str], curve_keys: list[str]
-) -> None:
+def finish_run(tracking_uri: str, run_id: str, status: str, tags: dict[str, str], curve_keys: list[str]) -> None:
     """Curves PNG, final tags and the terminal status (FINISHED / FAILED / KILLED)."""
     client = _client(tracking_uri)
     for key, value in tags.items():
@@ -174,7 +179,9 @@ def finish_run(
 
 
 def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    return [(m.step, m.value) for m in sorted(_client(tracking_uri).get_metric_history(run_id, key), key=lambda m: m.step)]
+    return [
+        (m.step, m.value) for m in sorted(_client(tracking_uri).get_metric_history(run_id, key), key=lambda m: m.step)
+    ]
 
 
 def ui_command(tracking_uri: str) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import storage, tracking
+from orchestrator import object_storage, storage, tracking
 from orchestrator.config import ExperimentConfig, flatten, to_dict, to_yaml
 from orchestrator.config.validate import ConfigError
 from orchestrator.runs import mlflow_experiment_name, mlflow_tracking_uri, run_dir
@@ -53,8 +53,12 @@ def plan_resources(cfg: ExperimentConfig, cluster: dict[str, float]) -> Resource
     use_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and gpus > 0)
     if use_gpu and gpus == 0:
         raise ConfigError(
-            ["trainer.accelerator: 'gpu' but the Ray cluster has no GPUs; use trainer.accelerator=cpu "
-             "or connect to a cluster with GPU nodes (RAY_ADDRESS)"], "trainer")
+            [
+                "trainer.accelerator: 'gpu' but the Ray cluster has no GPUs; use trainer.accelerator=cpu "
+                "or connect to a cluster with GPU nodes (RAY_ADDRESS)"
+            ],
+            "trainer",
+        )
     num_workers = (gpus if use_gpu else 1) if t.devices == -1 else t.devices * t.num_nodes
     cpus = float(cluster.get("CPU", 1))
     if t.cpus_per_worker is not None:
@@ -108,14 +112,21 @@ def decide_resume(cfg: ExperimentConfig, directory: str) -> str | None:
     if latest is None:
         if exp.resume_if_exists and not exp.resume_ignore_no_checkpoint and storage.exists(directory):
             raise ConfigError(
-                [f"exp_manager.resume_if_exists: no checkpoint in {directory} to resume from; set "
-                 "exp_manager.resume_ignore_no_checkpoint=true to start fresh"], "exp_manager")
+                [
+                    f"exp_manager.resume_if_exists: no checkpoint in {directory} to resume from; set "
+                    "exp_manager.resume_ignore_no_checkpoint=true to start fresh"
+                ],
+                "exp_manager",
+            )
         return None
     if not exp.resume_if_exists:
         raise ConfigError(
-            [f"exp_manager.resume_if_exists is false but {directory} already holds checkpoints (latest: {latest}); "
-             "set exp_manager.resume_if_exists=true to continue it, or pick a new exp_manager.name/version"],
-            "exp_manager")
+            [
+                f"exp_manager.resume_if_exists is false but {directory} already holds checkpoints (latest: {latest}); "
+                "set exp_manager.resume_if_exists=true to continue it, or pick a new exp_manager.name/version"
+            ],
+            "exp_manager",
+        )
     return latest
 
 
@@ -167,7 +178,9 @@ def run_training(
     train_collator = build_collator(cfg.model, cfg.data, cfg.data.train_ds)
     val_collators = {n: build_collator(cfg.model, cfg.data, ds) for n, ds in validation_sets(cfg.data).items()}
     start = resume_data_position(resume_from) if resume_from else None
-    datasets = build_datasets(cfg.data, train_collator, val_collators, start_position=start)
+    datasets = build_datasets(
+        cfg.data, train_collator, val_collators, start_position=start, max_epochs=cfg.trainer.max_epochs
+    )
 
     tracking_uri = run_id = None
     exp = cfg.exp_manager
@@ -179,8 +192,11 @@ def run_training(
             directory,
             run_name=str(exp.mlflow_logger_kwargs.get("run_name") or cfg.name),
             params=flatten(to_dict(cfg)),
-            tags={"speechlm.model_type": cfg.model.resolved_model_type(), "speechlm.config": source,
-                  **(extra_tags or {})},
+            tags={
+                "speechlm.model_type": cfg.model.resolved_model_type(),
+                "speechlm.config": source,
+                **(extra_tags or {}),
+            },
             parent_run_id=parent_run_id,
         )
         tracking.log_text_artifact(tracking_uri, run_id, to_yaml(cfg), "config.yaml")
@@ -193,6 +209,8 @@ def run_training(
         checkpoint_score_order=params.mode,
     )
     storage_path, name = storage.split_run_dir(directory)
+    # An explicit filesystem for URLs: it carries a custom S3 endpoint/credentials to every Ray process.
+    storage_fs, storage_path = object_storage.storage_filesystem(storage_path)
     settings = LoopSettings(
         experiment=to_dict(cfg),
         config_yaml=to_yaml(cfg),
@@ -212,13 +230,14 @@ def run_training(
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
+            storage_filesystem=storage_fs,
             checkpoint_config=checkpoint_config,
             failure_config=ray.train.FailureConfig(max_failures=exp.max_failures),
             callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=ray_data_config(list(datasets)),
-        resume_from_checkpoint=ray.train.Checkpoint(resume_from) if exp.resume_from_checkpoint else None,
+        resume_from_checkpoint=_checkpoint_at(resume_from) if exp.resume_from_checkpoint else None,
     )
     error = None
     try:
@@ -229,17 +248,32 @@ def run_training(
         ok, result, error = False, None, f"{type(exc).__name__}: {exc}"
     best = _best_checkpoint(result, params.monitor, params.mode) if result and has_validation else None
     last = result.checkpoint.path if result and result.checkpoint else None
+    # With storage_filesystem, Ray reports paths inside it (bucket/run/step=...): give them their scheme back.
+    best, last = object_storage.to_url(best, directory), object_storage.to_url(last, directory)
     metrics = dict(result.metrics or {}) if result else {}
     if tracking_uri and run_id:
         tracking.finish_run(
-            tracking_uri, run_id, "FINISHED" if ok else "FAILED",
-            tags={"speechlm.best_checkpoint": best or "", "speechlm.last_checkpoint": last or "",
-                  "speechlm.run_dir": directory},
+            tracking_uri,
+            run_id,
+            "FINISHED" if ok else "FAILED",
+            tags={
+                "speechlm.best_checkpoint": best or "",
+                "speechlm.last_checkpoint": last or "",
+                "speechlm.run_dir": directory,
+            },
             curve_keys=["loss", "val_loss", "val_wer", "val_txt_bleu", "val_asr_bleu"],
         )
     outcome = TrainingResult(ok, directory, best, last, metrics, run_id, tracking_uri, error)
     print_summary(outcome)
     return outcome
+
+
+def _checkpoint_at(path: str):
+    """A Ray Checkpoint for a local path or URL, with the filesystem that knows a custom S3 endpoint."""
+    import ray.train
+
+    fs, inner = object_storage.pyarrow_filesystem(path)
+    return ray.train.Checkpoint(inner, filesystem=fs)
 
 
 def _best_checkpoint(result, monitor: str, mode: str) -> str | None:

@@ -58,7 +58,9 @@ def validate_dataset(model: torch.nn.Module, name: str, cfg: ExperimentConfig, w
     }
 
 
-def run_validation(model: torch.nn.Module, names: list[str], cfg: ExperimentConfig, rank: int, world: int) -> dict[str, float]:
+def run_validation(
+    model: torch.nn.Module, names: list[str], cfg: ExperimentConfig, rank: int, world: int
+) -> dict[str, float]:
     """val_loss / val_acc / val_wer (SALM) or val_txt_bleu (duplex), per set (`_<name>`) and averaged."""
     per_set = {name: validate_dataset(model, name, cfg, world) for name in names}
     text_metric = "wer" if cfg.model.resolved_model_type() == "salm" else "txt_bleu"

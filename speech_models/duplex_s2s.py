@@ -121,6 +121,13 @@ class DuplexS2SModel(nn.Module):
         self._build_audio_modules(hidden)
         self.trainable_summary = setup_trainable_params(self, cfg)  # LoRA on `llm`, then freeze_params
 
+    @classmethod
+    def from_pretrained(cls, directory: str, device: str = "cpu") -> DuplexS2SModel:
+        """Load a directory written by `speech_models.pretrained.save_pretrained` (no pretrained sources needed)."""
+        from speech_models.pretrained import from_pretrained
+
+        return from_pretrained(directory, expected_class=cls, device=device)
+
     def _build_perception(self, cfg: ModelConfig, hidden: int) -> nn.Module:
         if cfg.perception.output_dim not in (None, hidden):
             raise ValueError(

@@ -276,6 +276,13 @@ class SALM(nn.Module):
         )
         self.trainable_summary = setup_trainable_params(self, cfg)
 
+    @classmethod
+    def from_pretrained(cls, directory: str, device: str = "cpu") -> SALM:
+        """Load a directory written by `speech_models.pretrained.save_pretrained` (no pretrained sources needed)."""
+        from speech_models.pretrained import from_pretrained
+
+        return from_pretrained(directory, expected_class=cls, device=device)
+
     # -- plumbing ------------------------------------------------------------------------------
 
     @property

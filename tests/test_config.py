@@ -43,7 +43,9 @@ def test_every_shipped_config_validates(path: Path) -> None:
     ],
 )
 def test_nemo_documentation_blocks_validate_unchanged(model_block: list[str], model_type: str) -> None:
-    parts = [OmegaConf.load(NEMO_DOCS / name) for name in [*model_block, "trainer.yaml", "exp_manager.yaml", "data.yaml"]]
+    parts = [
+        OmegaConf.load(NEMO_DOCS / name) for name in [*model_block, "trainer.yaml", "exp_manager.yaml", "data.yaml"]
+    ]
     merged = OmegaConf.to_container(OmegaConf.merge(*parts))
     cfg = experiment_from_dict(merged, source="nemo docs").cfg
     assert cfg.model.resolved_model_type() == model_type

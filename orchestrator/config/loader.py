@@ -63,7 +63,9 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Loa
     return experiment_from_omegaconf(raw, overrides or [], source)
 
 
-def experiment_from_dict(data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> LoadedConfig:
+def experiment_from_dict(
+    data: dict[str, Any], overrides: list[str] | None = None, source: str = "config"
+) -> LoadedConfig:
     """Validate an already-loaded config dict (e.g. the resolved config saved in a checkpoint)."""
     return experiment_from_omegaconf(OmegaConf.create(data), overrides or [], source)
 
@@ -102,7 +104,10 @@ def _resolve(user: Any, merged: Any, path: str, problems: list[str]) -> Any:
             out[str(key)] = _resolve(user._get_node(key), value, key_path, problems)
         return out
     if isinstance(merged, ListConfig):
-        return [_resolve(None, _get(merged, i, f"{path}[{i}]", problems), f"{path}[{i}]", problems) for i in range(len(merged))]
+        return [
+            _resolve(None, _get(merged, i, f"{path}[{i}]", problems), f"{path}[{i}]", problems)
+            for i in range(len(merged))
+        ]
     if isinstance(merged, DictConfig):  # a list item or a dict the user gave whole: keep every key
         return _resolve(merged, merged, path, problems)
     return merged

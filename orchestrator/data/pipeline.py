@@ -54,6 +54,7 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 from ray.train import DataConfig
 
+from orchestrator import object_storage
 from orchestrator.data.bucketing import BatchingSpec, DurationBucketer, estimate_duration_bins
 from orchestrator.data.shards import Shard, discover_shards
 
@@ -226,6 +227,9 @@ class DatasetPlan:
     start_item: int = 0
     end_item: int = 1  # exclusive
     equal_split: bool = True  # split with equal=True: no marker rows
+    # fsspec kwargs per protocol (custom S3 endpoint, credentials), resolved from the driver's env: read tasks
+    # may run in processes or on nodes without that env (object_storage.fsspec_options).
+    storage_options: Mapping[str, Mapping[str, Any]] | None = None
 
     @property
     def shards_per_epoch(self) -> int:
@@ -303,27 +307,19 @@ class RawCut:
     shard: str
 
 
-def _read_bytes(path: str) -> bytes:
-    if "://" in path and not path.startswith("file://"):
-        import fsspec
-
-        with fsspec.open(path, "rb") as f:
-            return f.read()
-    with open(path.removeprefix("file://"), "rb") as f:
-        return f.read()
-
-
-def _read_manifest(path: str) -> list[dict[str, Any]]:
-    raw = _read_bytes(path)
+def _read_manifest(path: str, storage_options: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    raw = object_storage.read_bytes(path, storage_options)
     if path.endswith(".gz"):
         raw = gzip.decompress(raw)
     return [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
 
 
-def _read_audio_tar(path: str) -> list[tuple[str, bytes | None, bytes | None]]:
+def _read_audio_tar(
+    path: str, storage_options: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[tuple[str, bytes | None, bytes | None]]:
     """(cut id, data or None, manifest json or None) per cut, in archive order."""
     out: list[tuple[str, bytes | None, bytes | None]] = []
-    with tarfile.open(fileobj=io.BytesIO(_read_bytes(path)), mode="r:") as tar:
+    with tarfile.open(fileobj=io.BytesIO(object_storage.read_bytes(path, storage_options)), mode="r:") as tar:
         members = tar.getmembers()
         if len(members) % 2:
             raise ValueError(f"{len(members)} tar members; Shar stores a data file and a .json file per cut")
@@ -342,20 +338,22 @@ def _is_manifest(value: Any) -> bool:
     return isinstance(value, dict) and ("sources" in value or "storage_type" in value or "array" in value)
 
 
-def read_shard(shard: Shard, item: int = 0) -> list[RawCut]:
+def read_shard(
+    shard: Shard, item: int = 0, storage_options: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[RawCut]:
     """Every cut of `shard` with its encoded audio, or CorruptShardError naming the shard and the cause.
 
     The whole shard is read before any cut is used, so a truncated tar or a garbled manifest skips the shard
-    as a unit instead of yielding a prefix of it.
+    as a unit instead of yielding a prefix of it. storage_options: see DatasetPlan (None: this process's env).
     """
     try:
-        cuts = _read_manifest(shard.cuts)
+        cuts = _read_manifest(shard.cuts, storage_options)
     except Exception as exc:  # gzip, JSON, IO and network errors all mean "corrupt shard"
         raise CorruptShardError(f"{shard.cuts}: cannot read the cuts manifest ({type(exc).__name__}: {exc})") from exc
     fields: dict[str, list[tuple[str, bytes | None, bytes | None]]] = {}
     for name, path in shard.fields.items():
         try:
-            fields[name] = _read_audio_tar(path)
+            fields[name] = _read_audio_tar(path, storage_options)
         except Exception as exc:
             raise CorruptShardError(f"{path}: cannot read the {name} tar ({type(exc).__name__}: {exc})") from exc
         if len(fields[name]) != len(cuts):
@@ -603,7 +601,7 @@ def run_read_task(plan: DatasetPlan, task_index: int) -> Iterator[pa.Table]:
         state.counters["shards_read"] += 1
         state.next_unread = item + state.items.step if item + state.items.step < state.items.stop else state.group.end
         try:
-            cuts = read_shard(shard, item)
+            cuts = read_shard(shard, item, plan.storage_options)
         except CorruptShardError as exc:
             if not plan.skip_corrupt:
                 raise CorruptShardError(
@@ -814,6 +812,7 @@ def plan_dataset(
         start_item=start,
         end_item=end,
         equal_split=equal_split,
+        storage_options=object_storage.fsspec_options(),
     )
 
 

@@ -63,8 +63,11 @@ def _list_dir(path: str) -> list[str]:
         return sorted(p.name for p in local.iterdir() if p.is_file())
     import fsspec
 
+    from orchestrator.object_storage import fsspec_options, protocol
+
     try:
-        fs, root = fsspec.core.url_to_fs(path)
+        # Explicit endpoint/credentials, as the read tasks get them (see DatasetPlan.storage_options).
+        fs, root = fsspec.core.url_to_fs(path, **fsspec_options().get(protocol(path), {}))
         entries = fs.ls(root, detail=False)
     except Exception as exc:
         raise SharLayoutError(

@@ -462,6 +462,7 @@ def run_sweep(loaded: LoadedSweep, resume: bool = False, retry_failed: bool = Fa
                 num_samples=loaded.spec.num_samples,
                 time_budget_s=loaded.spec.time_budget_s,
                 trial_dirname_creator=lambda trial: trial.trial_id,
+                reuse_actors=True,  # a finished trial's process runs the next one (Tune does not reuse stopped ones)
             ),
             run_config=tune.RunConfig(
                 name=TUNE_DIR,

@@ -606,6 +606,25 @@ def _check_scheduler(spec: SweepSpec, cfg: ExperimentConfig, params: list[SweptP
             problems.append(f"scheduler.resample_probability: {s.resample_probability} must be in [0, 1]")
         if spec.num_samples < 2 and not any(p.kind == "grid" for p in params):
             problems.append("num_samples: PBT needs a population of at least 2 trials")
+        for p in params:
+            if p.key.startswith(PBT_FIXED_BY_CHECKPOINT):
+                problems.append(
+                    f"search_space.{p.key}: PBT copies checkpoints between trials, and this key changes which "
+                    "weights exist or are saved (a checkpoint keeps trainable weights only); sweep it with asha "
+                    "or fifo, and let PBT mutate keys such as loss weights, dropout or data settings"
+                )
+
+
+# Keys a PBT exploit cannot change: the donor's checkpoint fixes the architecture and which weights it holds.
+PBT_FIXED_BY_CHECKPOINT = (
+    "model.lora",
+    "model.freeze_params",
+    "model.prevent_freeze_params",
+    "model.perception",
+    "model.speech_decoder",
+    "model.pretrained_",
+    "model.model_type",
+)
 
 
 def _check_search_alg(spec: SweepSpec, params: list[SweptParam], problems: list[str]) -> None:

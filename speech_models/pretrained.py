@@ -1,0 +1,337 @@
+"""Self-contained model directories: `save_pretrained(model, dir)` and `from_pretrained(dir)` for every model.
+
+A training checkpoint keeps only the trainable weights and rebuilds the frozen ones from the `pretrained_*`
+sources. An exported directory needs none of them: it holds every weight and every config needed to rebuild
+the model with `from_config` (no hub, no original LLM/ASR directory):
+
+    DIR/
+      config.json            what the directory is (class, format version, sizes), Hugging Face style
+      speechlm_config.yaml   the project's `model:` config, made self-contained (paths point inside DIR,
+                             perception resolved, pretrained_weights false), plus the frame/sample rates,
+                             the perception build options and the default prompt (context, system prompt)
+      model.safetensors      ALL weights: perception, embed_tokens, LLM (LoRA merged or not), heads, decoder
+      llm/                   the LLM's config.json (+ generation_config.json) and the tokenizer files
+      audio_codec/           duplex models only: the frozen codec, saved with its own `save_pretrained`
+
+`SALM.from_pretrained(DIR)`, `DuplexS2SModel.from_pretrained(DIR)` and
+`DuplexS2SSpeechDecoderModel.from_pretrained(DIR)` delegate here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from speech_models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+SPEECHLM_CONFIG_FILE = "speechlm_config.yaml"
+WEIGHTS_FILE = "model.safetensors"
+LLM_DIR = "llm"
+CODEC_DIR = "audio_codec"
+_TIED_KEY = "speechlm.tied"  # safetensors metadata: {alias: saved name} for tensors that share storage
+
+
+@dataclass(frozen=True)
+class AudioFrames:
+    """The `data:` keys a model itself depends on (duplex models read them; SALM ignores them)."""
+
+    frame_length: float = 0.08
+    source_sample_rate: int = 16000
+    target_sample_rate: int = 22050
+
+
+@dataclass(frozen=True)
+class PromptDefaults:
+    """How the model was prompted in training; `speechlm infer` uses it unless told otherwise."""
+
+    context: str | None = None  # e.g. "Transcribe:" (SALM user turn: "<context> <audio tag>")
+    system_prompt: str | None = None
+    prompt_format: str | None = None  # None: model.prompt_format
+
+
+@dataclass
+class ExportedConfig:
+    """Contents of `speechlm_config.yaml`."""
+
+    model: ModelConfig
+    data: AudioFrames = field(default_factory=AudioFrames)
+    prompt: PromptDefaults = field(default_factory=PromptDefaults)
+    perception_preemph: float | None = 0.97  # perception.PREEMPH; not a config key: from a pretrained ASR
+    perception_encoder_use_bias: bool = True  # idem
+    format_version: int = FORMAT_VERSION
+
+
+# ----------------------------------------------------------------------------------------------
+# Config (de)serialisation: plain dicts <-> the dataclasses above, no orchestrator import
+# ----------------------------------------------------------------------------------------------
+
+
+def _from_dict(tp: Any, value: Any, where: str) -> Any:
+    """Rebuild (nested, optional) dataclasses from plain data written by `dataclasses.asdict`."""
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        hints = typing.get_type_hints(tp)
+        unknown = sorted(set(value) - set(hints))
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown keys {unknown} for {tp.__name__}; the directory was written by another "
+                "version of speech_models"
+            )
+        return tp(**{k: _from_dict(hints[k], v, f"{where}.{k}") for k, v in value.items()})
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and isinstance(value, dict):
+        for arg in typing.get_args(tp):
+            if isinstance(arg, type) and dataclasses.is_dataclass(arg):
+                return _from_dict(arg, value, where)
+    return value
+
+
+def read_exported_config(directory: str | Path) -> ExportedConfig:
+    """`speechlm_config.yaml` of an exported directory, with its paths made absolute."""
+    import yaml
+
+    directory = Path(directory)
+    path = directory / SPEECHLM_CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{directory} is not an exported model directory (no {SPEECHLM_CONFIG_FILE}); make one with "
+            "`speechlm export CHECKPOINT --out DIR`"
+        )
+    data = yaml.safe_load(path.read_text())
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {data.get('format_version')} is not {FORMAT_VERSION}")
+    exported = _from_dict(ExportedConfig, data, str(path))
+    model = exported.model
+    exported.model = dataclasses.replace(
+        model,
+        pretrained_llm=str(directory / model.pretrained_llm),
+        pretrained_audio_codec=str(directory / model.pretrained_audio_codec) if model.pretrained_audio_codec else None,
+    )
+    return exported
+
+
+def is_exported_dir(directory: str | Path) -> bool:
+    return (Path(directory) / SPEECHLM_CONFIG_FILE).is_file() and (Path(directory) / CONFIG_FILE).is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights with shared tensors (tied embeddings) saved once
+# ----------------------------------------------------------------------------------------------
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors sharing storage (e.g. a tied LM head) are saved once; returns (unique tensors, alias -> name)."""
+    seen: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        unique[name] = tensor.detach().contiguous().cpu()
+    return unique, aliases
+
+
+def _load_weights(directory: Path, model: nn.Module) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = directory / WEIGHTS_FILE
+    state = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get(_TIED_KEY, "{}"))
+    for alias, name in aliases.items():
+        state[alias] = state[name]
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{path} does not fit the model its config builds: {len(result.missing_keys)} missing tensors "
+            f"(e.g. {result.missing_keys[:3]}), {len(result.unexpected_keys)} unexpected "
+            f"(e.g. {result.unexpected_keys[:3]}); the directory is incomplete or was edited"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Save
+# ----------------------------------------------------------------------------------------------
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The Hugging Face causal LM inside a model, under the peft wrapper when LoRA is installed."""
+    return model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
+
+
+def has_lora(model: nn.Module) -> bool:
+    return hasattr(model.llm, "get_base_model")
+
+
+def merge_lora(model: nn.Module) -> bool:
+    """Merge LoRA adapters into the LLM weights in place and drop the peft wrapper; False if there were none.
+
+    Afterwards `model.cfg.lora` is None, so the config and the weights keep describing the same model.
+    """
+    if not has_lora(model):
+        return False
+    model.llm = model.llm.merge_and_unload()
+    model.cfg = dataclasses.replace(model.cfg, lora=None)
+    return True
+
+
+def _encoder_use_bias(perception: nn.Module) -> bool:
+    layers = getattr(perception.encoder, "layers", None)
+    return True if not layers else layers[0].feed_forward1.linear1.bias is not None
+
+
+def _model_class_path(model: nn.Module) -> str:
+    cls = type(model)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def save_pretrained(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    prompt: PromptDefaults | None = None,
+    data: AudioFrames | None = None,
+) -> Path:
+    """Write `model` (SALM or a duplex model, LoRA merged or not) as a self-contained directory.
+
+    `prompt`: the default prompt to record (training's context / system prompt). `data`: frame and sample
+    rates; taken from the model itself for duplex models. The directory must be empty or not exist.
+    """
+    import yaml
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()):
+        raise FileExistsError(f"{directory} exists and is not empty; pick a new directory or remove it")
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg: ModelConfig = model.cfg
+    lm = causal_lm(model)
+    model_type = cfg.resolved_model_type()
+    if data is None:
+        data = AudioFrames(
+            frame_length=float(getattr(model, "frame_length", AudioFrames.frame_length)),
+            source_sample_rate=int(getattr(model, "source_sample_rate", model.perception.cfg.preprocessor.sample_rate)),
+            target_sample_rate=int(getattr(model, "target_sample_rate", AudioFrames.target_sample_rate)),
+        )
+
+    # LLM config and tokenizer: enough for `from_config` (vocab_size already counts added tokens).
+    lm.config.save_pretrained(directory / LLM_DIR)
+    if getattr(lm, "generation_config", None) is not None:
+        lm.generation_config.save_pretrained(directory / LLM_DIR)
+    model.tokenizer.save_pretrained(directory / LLM_DIR)
+    codec_dir = None
+    if getattr(model, "audio_codec", None) is not None:
+        model.audio_codec.model.save_pretrained(directory / CODEC_DIR, safe_serialization=True)
+        codec_dir = CODEC_DIR
+
+    exported = ExportedConfig(
+        model=dataclasses.replace(
+            cfg,
+            pretrained_llm=LLM_DIR,
+            pretrained_asr=None,  # the perception weights are in model.safetensors
+            pretrained_audio_codec=codec_dir,
+            scoring_asr=None,
+            pretrained_weights=False,
+            model_type=model_type,
+            lora=cfg.lora if has_lora(model) else None,
+            perception=model.perception.cfg,  # resolved: a pretrained ASR's architecture merged in
+        ),
+        data=data,
+        prompt=prompt or PromptDefaults(),
+        perception_preemph=model.perception.preprocessor.preemph,
+        perception_encoder_use_bias=_encoder_use_bias(model.perception),
+    )
+    (directory / SPEECHLM_CONFIG_FILE).write_text(
+        "# Written by speech_models.pretrained.save_pretrained; load with <ModelClass>.from_pretrained(DIR).\n"
+        + yaml.safe_dump(dataclasses.asdict(exported), sort_keys=False)
+    )
+
+    tensors, aliases = _dedupe(model.state_dict())  # the codec drops itself from state_dict (own subdir)
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt", _TIED_KEY: json.dumps(aliases)})
+
+    text_config = lm.config.get_text_config()
+    info = {
+        "architectures": [type(model).__name__],
+        "model_type": f"speechlm_{model_type}",
+        "speechlm_model_class": _model_class_path(model),
+        "speechlm_format_version": FORMAT_VERSION,
+        "hidden_size": int(text_config.hidden_size),
+        "vocab_size": int(model.embed_tokens.num_embeddings),
+        "llm_model_type": lm.config.model_type,
+        "lora": "unmerged" if has_lora(model) else "none",
+        "audio_codec": codec_dir,
+        "source_sample_rate": data.source_sample_rate,
+        "target_sample_rate": data.target_sample_rate if codec_dir else None,
+        "num_parameters": sum(t.numel() for t in tensors.values()),
+        "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+    }
+    (directory / CONFIG_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------
+# Load
+# ----------------------------------------------------------------------------------------------
+
+
+def _model_class(directory: Path) -> type:
+    info = json.loads((directory / CONFIG_FILE).read_text())
+    class_path = info.get("speechlm_model_class", "")
+    module_name, _, name = class_path.partition(":")
+    if not module_name.startswith("speech_models."):  # never import arbitrary code named by a file
+        raise ValueError(f"{directory / CONFIG_FILE}: speechlm_model_class {class_path!r} is not a speech_models class")
+    return getattr(importlib.import_module(module_name), name)
+
+
+def from_pretrained(directory: str | Path, expected_class: type | None = None, device: str | torch.device = "cpu"):
+    """Rebuild the model saved in `directory` by `save_pretrained`, in eval mode, with no pretrained source.
+
+    `expected_class` (e.g. SALM when called as `SALM.from_pretrained`): the saved class must be it or a
+    subclass of it.
+    """
+    from speech_models.perception import PREEMPH, AudioPerceptionModule
+    from speech_models.registry import build_model
+
+    directory = Path(directory)
+    exported = read_exported_config(directory)
+    saved_class = _model_class(directory)
+    if expected_class is not None and not issubclass(saved_class, expected_class):
+        raise TypeError(
+            f"{directory} holds a {saved_class.__name__}, not a {expected_class.__name__}; load it with "
+            f"{saved_class.__name__}.from_pretrained"
+        )
+    model = build_model(exported.model, exported.data)
+    if type(model) is not saved_class:
+        raise TypeError(
+            f"{directory}: config builds a {type(model).__name__} but the weights are a {saved_class.__name__}"
+        )
+    if (exported.perception_preemph, exported.perception_encoder_use_bias) != (PREEMPH, True):
+        # Perception taken from a pretrained ASR checkpoint: same config, but that checkpoint's front-end
+        # pre-emphasis and bias setting, which are not config keys.
+        from speech_models.freezing import apply_freeze_params
+
+        model.perception = AudioPerceptionModule(
+            exported.model.perception,
+            model.perception.proj.out_features,
+            preemph=exported.perception_preemph,
+            encoder_use_bias=exported.perception_encoder_use_bias,
+        )
+        apply_freeze_params(model, exported.model.freeze_params, exported.model.prevent_freeze_params)
+    _load_weights(directory, model)
+    return model.to(device).eval()
