@@ -115,9 +115,19 @@ class IntervalStats:
     started: float = field(default_factory=time.perf_counter)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    # Ray Train logs every report with its whole metrics dict at INFO; our own progress lines say it better.
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every report with its whole metrics dict at INFO; our own progress lines say it better.
+    (Its logger is named after the module's file path, so it is not under the "ray.train" hierarchy.)"""
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as ray_train_context
+    except ImportError:  # a Ray without Train v2's internals: its reports stay visible, nothing breaks
+        return
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    _quiet_ray_train_reports()
     logging.getLogger("orchestrator").setLevel(logging.INFO)
     settings = LoopSettings(**config)
     cfg = experiment_from_dict(settings.experiment).cfg

@@ -48,15 +48,18 @@ def experiment(model_cfg, train: Path, val: Path, run_dir: Path, batch_size: int
 def validate_locally(model, cfg: ExperimentConfig, name: str) -> dict[str, str]:
     """What the training loop's validation computes for one set (same plan, collator, validation_step), in-process."""
     dataset = validation_sets(cfg.data)[name]
-    plan = plan_dataset(f"val_{name}", dataset, cfg.data, build_collator(cfg.model, cfg.data, dataset), epochs=1,
-                        equal_split=False)
+    plan = plan_dataset(
+        f"val_{name}", dataset, cfg.data, build_collator(cfg.model, cfg.data, dataset), epochs=1, equal_split=False
+    )
     tables = [table for task in range(plan.num_tasks) for table in run_read_task(plan, task)]
     hypotheses: dict[str, tuple[str, str]] = {}
     model.eval()
     with torch.no_grad():
         for batch, _ in iterate_batches(tables):
             out = model.validation_step(batch)
-            hypotheses.update(zip(batch["cut_ids"], zip(out["hypotheses"], out["references"], strict=True), strict=True))
+            hypotheses.update(
+                zip(batch["cut_ids"], zip(out["hypotheses"], out["references"], strict=True), strict=True)
+            )
     return hypotheses
 
 
@@ -115,7 +118,9 @@ def test_eval_cli_other_batching_and_exported_models(ray_session, salm_run, tmp_
     rows = manifest(str(out / "tiny_val" / "hypotheses.jsonl"))
     assert set(rows) == set(validated) and all(row["reference"] == validated[c][1] for c, row in rows.items())
     metrics = json.loads((out / "tiny_val" / "metrics.json").read_text())["metrics"]
-    assert metrics["wer"] == corpus_wer([r["hypothesis"] for r in rows.values()], [r["reference"] for r in rows.values()])
+    assert metrics["wer"] == corpus_wer(
+        [r["hypothesis"] for r in rows.values()], [r["reference"] for r in rows.values()]
+    )
 
     # an exported model is evaluated the same way; logged to a new run in the given tracking store
     from orchestrator.export import export_model
@@ -157,3 +162,31 @@ def test_duplex_eval_reports_validation_bleu_and_asr_bleu(ray_session, tmp_path)
     assert result.metrics["txt_bleu"] == corpus_bleu(hyps, refs)
     assert result.metrics["asr_bleu"] == corpus_bleu([row["asr_hypothesis"] for row in rows.values()], refs)
     assert all((Path(result.manifest).parent / row["audio"]).is_file() for row in rows.values())
+
+
+@pytest.mark.integration
+def test_eval_of_a_real_training_run_reproduces_its_validation_wer(ray_session, tiny_demo: Path, tmp_path: Path):
+    """Train 3 steps with the real driver (validation + checkpoint at step 3), then eval that checkpoint."""
+    from orchestrator.config import load_experiment
+    from orchestrator.testing import tiny_training_overrides
+    from orchestrator.train import run_training
+
+    run_dir = tmp_path / "run"
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo" / "salm.yaml"
+    overrides = [
+        *tiny_training_overrides(tiny_demo, run_dir, max_steps=3),
+        "trainer.devices=1",
+        "trainer.limit_val_batches=null",
+    ]  # validation sees the whole set, as eval does
+    result = run_training(load_experiment(config, overrides).cfg)
+    assert result.ok, result.error
+    state = json.loads((run_dir / "step=0000003" / "state.json").read_text())
+
+    report = evaluate(str(run_dir), [str(tiny_demo / "asr" / "val")], num_workers=1)
+    (evaluated,) = report.sets
+    assert evaluated.name == "demo_val"
+    assert evaluated.metrics["wer"] == pytest.approx(state["metrics"]["val_wer_demo_val"], abs=1e-12)
+    assert evaluated.metrics["loss"] == pytest.approx(state["metrics"]["val_loss_demo_val"], rel=1e-5)
+    client = mlflow.MlflowClient(report.tracking_uri)
+    assert report.mlflow_run_id == result.mlflow_run_id
+    assert client.get_metric_history(result.mlflow_run_id, "eval_wer_demo_val")[0].step == 3

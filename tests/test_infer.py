@@ -21,7 +21,9 @@ from speech_models.testing import build_tiny_codec_dir, build_tiny_llm_dir, tiny
 
 
 def make_checkpoint(root: Path, model_cfg, context: str | None = None) -> Path:
-    shar = write_synthetic_shar(root / "shar", n_cuts=2, n_shards=1, with_target_audio=model_cfg.pretrained_audio_codec is not None)
+    shar = write_synthetic_shar(
+        root / "shar", n_cuts=2, n_shards=1, with_target_audio=model_cfg.pretrained_audio_codec is not None
+    )
     tags = {"context": context} if context else {}
     cfg = experiment_from_dict(
         {

@@ -90,7 +90,7 @@ def test_resume_if_exists_false_refuses_to_overwrite(ray_session, tiny_demo: Pat
 
     run_dir = tmp_path / "run"
     assert train(tiny_demo, run_dir, "trainer.devices=1", max_steps=3).ok
-    with pytest.raises(ConfigError, match="resume_if_exists is false but .* already holds checkpoints"):
+    with pytest.raises(ConfigError, match=r"resume_if_exists is false but .* already holds checkpoints"):
         train(tiny_demo, run_dir, "trainer.devices=1", "exp_manager.resume_if_exists=false", max_steps=3)
 
 
@@ -129,7 +129,7 @@ def test_a_killed_worker_is_replaced_and_the_run_reaches_max_steps(
     assert killed, "no worker was killed: the run finished before its first checkpoint was seen"
     assert result.ok, result.error
     assert [step for step, _ in storage.list_checkpoints(str(run_dir))][-1] == 24
-    client, run = mlflow_run(run_dir)
+    _, run = mlflow_run(run_dir)
     assert run.info.status == "FINISHED"
 
 

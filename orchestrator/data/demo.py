@@ -3,6 +3,7 @@
 Layout (other parts of the project rely on it)::
 
     <out>/llm/                  tokenizer + random-init Llama (save_pretrained)
+    <out>/codec/                random-init tiny DAC codec at 22.05 kHz, 25 Hz frames (save_pretrained)
     <out>/asr/{train,val,test}/ Shar: cuts + recording (16 kHz FLAC), one supervision per cut
     <out>/s2s/{train,val,test}/ Shar: cuts + recording (user, 16 kHz) + target_audio (agent, 22.05 kHz)
     <out>/DONE.json             written last
@@ -366,7 +367,7 @@ def make_demo_assets(
     ``hours`` is the ASR train size; val/test get 5% of it each (at least ``min_heldout_cuts``
     cuts); S2S train gets ``s2s_hours`` (default ``hours / 2``) of conversation.
     """
-    from speech_models.testing import build_tiny_llm_dir
+    from speech_models.testing import build_tiny_codec_dir, build_tiny_llm_dir
 
     started = time.perf_counter()
     out = Path(out_dir)
@@ -426,6 +427,8 @@ def make_demo_assets(
 
     llm_dir = build_tiny_llm_dir(out / "llm", tokenizer_corpus(seed), size=llm_size, seed=seed)
     summary.llm_dir = str(llm_dir)
+    # The duplex demo models need an audio codec; a random tiny one is enough to exercise the pipeline.
+    build_tiny_codec_dir(out / "codec", kind="dac", seed=seed)
     summary.audio_hours_made = made_s / 3600
     summary.seconds = time.perf_counter() - started
     done = {

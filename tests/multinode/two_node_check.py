@@ -91,7 +91,7 @@ def split_one_epoch(demo: Path, run_dir: str, nodes: dict[str, str]) -> dict:
     return {"consumers": results, "all_ids": manifest_ids(demo / "asr" / "train")}
 
 
-def train_on_two_nodes(demo: Path, run_dir: str) -> dict:
+def train_on_two_nodes(demo: Path, run_dir: str, address: str) -> dict:
     """The real driver with 2 workers that do not fit on one node, then where its workers ran."""
     from ray.util.state import list_actors
 
@@ -99,7 +99,9 @@ def train_on_two_nodes(demo: Path, run_dir: str) -> dict:
 
     overrides = [*tiny_training_overrides(demo, run_dir, max_steps=3), "trainer.devices=2", "trainer.cpus_per_worker=2"]
     result = run_training(load_experiment(DEMO_CONFIG, overrides).cfg)
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=100, raise_on_missing_output=False)
+    workers = list_actors(
+        address=address, filters=[("class_name", "=", "RayTrainWorker")], limit=100, raise_on_missing_output=False
+    )
     return {
         "ok": result.ok,
         "error": result.error,
@@ -133,7 +135,7 @@ def main(demo: Path, run_dir: str, out: Path) -> None:
         }
         facts: dict = {"nodes": nodes}
         facts["split"] = split_one_epoch(demo, run_dir, nodes)
-        facts["training"] = train_on_two_nodes(demo, run_dir)
+        facts["training"] = train_on_two_nodes(demo, run_dir, cluster.address)
         facts["checkpoint_seen_from"] = {
             name: ray.get(latest_checkpoint_step.options(resources={name: 0.01}).remote(run_dir))
             for name in ("node_a", "node_b")
