@@ -156,7 +156,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--out", help="output dir (default: <run dir>/eval/<checkpoint>/)")
     ev.add_argument("--max-new-tokens", type=int, help="SALM: generation cap (default: validation's rule)")
     ev.add_argument(
-        "--scoring-asr", help="duplex: ASR for ASR-BLEU: a SALM checkpoint/run/export or a transformers ASR"
+        "--scoring-asr",
+        help="duplex: ASR for ASR-BLEU, a SALM checkpoint/run dir or a transformers ASR (default: model.scoring_asr)",
     )
     ev.add_argument("--save-audio", action="store_true", help="duplex: write the generated agent speech as WAVs")
     ev.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")

@@ -8,7 +8,8 @@ Because batches, generation settings (validation_step's own) and scorers (`speec
 validation's, a checkpoint's eval WER on one of its validation sets equals the val_wer it reported (when
 trainer.limit_val_batches did not cut validation short).
 
-Metrics per set: wer (SALM); txt_bleu and, with a scoring ASR, asr_bleu (duplex); loss and acc (teacher
+Metrics per set: wer (SALM); txt_bleu and, with a scoring ASR (--scoring-asr, else the checkpoint's
+model.scoring_asr; transcribed by validation's own `orchestrator.scoring`), asr_bleu (duplex); loss and acc (teacher
 forced); rtf = model seconds / audio seconds, summed over replicas (the time of validation_step: generation
 plus one teacher-forced forward; scoring-ASR time is reported apart).
 """
@@ -87,7 +88,12 @@ def eval_dataset(source: ModelSource, data: str, batch_size: int | None = None) 
         base = next(iter(sets.values())) if sets else DatasetConfig(batch_size=DEFAULT_BATCH_SIZE)
         if sets and base.input_cfg:
             tags = dict(base.input_cfg[0].tags)
-        sample_rate = base.sample_rate if sets else int(source.data_cfg.source_sample_rate)
+        if sets:
+            sample_rate = base.sample_rate
+        elif source.kind == "checkpoint":
+            sample_rate = source.data_cfg.train_ds.sample_rate
+        else:
+            sample_rate = int(source.data_cfg.source_sample_rate)  # an export's input rate
         dataset = dataclasses.replace(
             base,
             input_cfg=[InputConfig(shar_path=data, tags=tags)],
@@ -102,50 +108,6 @@ def eval_dataset(source: ModelSource, data: str, batch_size: int | None = None) 
     elif dataset.batch_size is None and dataset.batch_duration is None:
         dataset = dataclasses.replace(dataset, batch_size=DEFAULT_BATCH_SIZE)
     return name, dataset
-
-
-# ----------------------------------------------------------------------------------------------
-# Scoring ASR for ASR-BLEU (duplex)
-# ----------------------------------------------------------------------------------------------
-
-
-class Transcriber:
-    """Transcribes generated agent speech for ASR-BLEU: one of our SALM models (checkpoint, run dir or export),
-    or else a transformers ASR model (local dir or hub id) through `pipeline("automatic-speech-recognition")`."""
-
-    def __init__(self, name_or_path: str, device: str = "cpu") -> None:
-        self.name = name_or_path
-        self._salm: tuple[Any, Any, Any, int] | None = None
-        self._pipeline: Any = None
-        try:
-            source = resolve_source(name_or_path, "best")
-        except SourceError:
-            source = None
-        if source is not None:
-            if source.model_type != "salm":
-                raise SourceError(f"scoring ASR {name_or_path} is a {source.model_type} model; it must be a SALM")
-            from orchestrator.infer import input_sample_rate, load_model, salm_collator
-
-            model, autocast = load_model(source, device)
-            collator = salm_collator(source)
-            collator._tokenizer = model.tokenizer
-            self._salm = (model, autocast, collator, input_sample_rate(model))
-        else:
-            from transformers import pipeline
-
-            self._pipeline = pipeline("automatic-speech-recognition", model=name_or_path, device=device)
-
-    def __call__(self, waves: Sequence[np.ndarray], sample_rate: int) -> list[str]:
-        from orchestrator.data.pipeline import resample
-
-        if self._salm is not None:
-            from orchestrator.infer import transcribe
-
-            model, autocast, collator, rate = self._salm
-            return transcribe(model, autocast, collator, [resample(w, sample_rate, rate) for w in waves])
-        rate = int(self._pipeline.feature_extractor.sampling_rate)
-        outputs = self._pipeline([{"raw": resample(w, sample_rate, rate), "sampling_rate": rate} for w in waves])
-        return [str(o["text"]).strip() for o in outputs]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,6 +167,7 @@ class EvalWorker:
         import torch
 
         from orchestrator.infer import load_model
+        from orchestrator.scoring import ScoringASR
 
         torch.set_num_threads(threads)
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
@@ -212,7 +175,8 @@ class EvalWorker:
         self.sample_rate = sample_rate
         self.target_sample_rate = int(source.data_cfg.target_sample_rate)
         self.max_new_tokens = max_new_tokens
-        self.transcriber = Transcriber(scoring_asr, device) if scoring_asr else None
+        # Validation's own scorer (orchestrator.scoring), so eval's asr_bleu is val_asr_bleu.
+        self.scorer = ScoringASR(scoring_asr) if scoring_asr else None
         self.keep_audio = keep_audio
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -235,9 +199,9 @@ class EvalWorker:
         if audio is None:
             return {}
         out: dict[str, Any] = {}
-        if self.transcriber is not None:
+        if self.scorer is not None:
             began = time.perf_counter()
-            out["asr_hypotheses"] = self.transcriber(audio, self.target_sample_rate)
+            out["asr_hypotheses"] = self.scorer.transcribe(list(audio), self.target_sample_rate)
             out["scoring_seconds"] = time.perf_counter() - began
         if self.keep_audio:
             import soundfile as sf
@@ -462,6 +426,8 @@ def evaluate(
         raise SourceError("--scoring-asr and --save-audio are for duplex models (their speech); SALM is scored by WER")
     if source.model_type != "salm" and max_new_tokens is not None:
         raise SourceError("--max-new-tokens is for SALM; duplex models generate one step per 80 ms input frame")
+    if source.model_type != "salm" and scoring_asr is None:
+        scoring_asr = source.model_cfg.scoring_asr  # what validation scored ASR-BLEU with, if anything
     datasets = [eval_dataset(source, d, batch_size) for d in data]
     names = [n for n, _ in datasets]
     for i, (n, ds) in enumerate(datasets):  # the same name twice (two dirs called "val"): number them

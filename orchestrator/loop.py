@@ -256,6 +256,7 @@ def _reduce_interval(stats: IntervalStats, optimizer, world: int) -> dict[str, f
     loss, grad_norm, data_wait = (v / world for v in values[:3])
     metrics = {
         "loss": loss / steps,
+        "step_time_ms": 1000.0 * elapsed / steps,  # wall time per optimizer step, data wait included
         "lr": float(optimizer.param_groups[0]["lr"]),
         "grad_norm": grad_norm / steps,
         "data_wait_fraction": min(1.0, (data_wait / world) / elapsed),

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.data.pipeline import iterate_batches
+from orchestrator.scoring import asr_bleu
 from orchestrator.worker_io import say, to_device
 from speech_models.metrics import corpus_bleu, corpus_wer
 
@@ -39,6 +40,7 @@ def validate_dataset(model: torch.nn.Module, name: str, cfg: ExperimentConfig, w
     loss_sum = tokens = correct = 0.0
     hypotheses: list[str] = []
     references: list[str] = []
+    generated_audio: list = []  # duplex models: the agent audio they spoke, for ASR-BLEU
     limit = cfg.trainer.limit_val_batches
     for index, (batch, _meta) in enumerate(iterate_batches(ray.train.get_dataset_shard(f"val_{name}"))):
         if limit is not None and index >= limit:
@@ -49,12 +51,15 @@ def validate_dataset(model: torch.nn.Module, name: str, cfg: ExperimentConfig, w
         correct += float(out["num_correct"])
         hypotheses.extend(out.get("hypotheses", []))
         references.extend(out.get("references", []))
+        if cfg.model.scoring_asr:
+            generated_audio.extend(out.get("generated_audio", []))
     loss_sum, tokens, correct = _sum([loss_sum, tokens, correct], world)
     return {
         "loss": loss_sum / max(tokens, 1.0),
         "acc": correct / max(tokens, 1.0),
         "hypotheses": _gather(hypotheses, world),
         "references": _gather(references, world),
+        "generated_audio": _gather(generated_audio, world),
     }
 
 
@@ -71,7 +76,13 @@ def run_validation(
         if result["references"]:
             score = corpus_wer if text_metric == "wer" else corpus_bleu
             metrics[f"val_{text_metric}_{name}"] = score(result["hypotheses"], result["references"])
-    for key in ("loss", "acc", text_metric):
+    if cfg.model.scoring_asr and rank == 0:
+        for name, result in per_set.items():
+            if result["generated_audio"]:
+                metrics[f"val_asr_bleu_{name}"], result["asr_transcripts"] = asr_bleu(
+                    cfg.model.scoring_asr, result["generated_audio"], cfg.data.target_sample_rate, result["references"]
+                )
+    for key in ("loss", "acc", text_metric, "asr_bleu"):
         values = [metrics[f"val_{key}_{n}"] for n in names if f"val_{key}_{n}" in metrics]
         if values:
             metrics[f"val_{key}"] = sum(values) / len(values)

@@ -18,10 +18,9 @@ from orchestrator.data.synthetic import write_synthetic_shar
 from orchestrator.evaluate import evaluate
 from orchestrator.infer import write_checkpoint
 from orchestrator.runs import mlflow_experiment_name, mlflow_tracking_uri
+from orchestrator.scoring import ScoringASR
 from speech_models.metrics import corpus_bleu, corpus_wer
-from speech_models.pretrained import save_pretrained
 from speech_models.registry import build_collator, build_model
-from speech_models.salm import SALM
 from speech_models.testing import build_tiny_codec_dir, build_tiny_llm_dir, tiny_duplex_model_config, tiny_salm_config
 
 
@@ -45,8 +44,9 @@ def experiment(model_cfg, train: Path, val: Path, run_dir: Path, batch_size: int
     ).cfg
 
 
-def validate_locally(model, cfg: ExperimentConfig, name: str) -> dict[str, str]:
-    """What the training loop's validation computes for one set (same plan, collator, validation_step), in-process."""
+def validate_locally(model, cfg: ExperimentConfig, name: str, speech: dict | None = None) -> dict[str, tuple[str, str]]:
+    """What the training loop's validation computes for one set (same plan, collator, validation_step), in-process:
+    {cut id: (hypothesis, reference)}; duplex models' generated speech goes into `speech` by cut id."""
     dataset = validation_sets(cfg.data)[name]
     plan = plan_dataset(
         f"val_{name}", dataset, cfg.data, build_collator(cfg.model, cfg.data, dataset), epochs=1, equal_split=False
@@ -60,6 +60,8 @@ def validate_locally(model, cfg: ExperimentConfig, name: str) -> dict[str, str]:
             hypotheses.update(
                 zip(batch["cut_ids"], zip(out["hypotheses"], out["references"], strict=True), strict=True)
             )
+            if speech is not None:
+                speech.update(zip(batch["cut_ids"], out["generated_audio"], strict=True))
     return hypotheses
 
 
@@ -149,10 +151,12 @@ def test_duplex_eval_reports_validation_bleu_and_asr_bleu(ray_session, tmp_path)
     cfg = experiment(tiny_duplex_model_config(llm, codec), train, val, tmp_path / "run", batch_size=2)
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg.model, cfg.data)
-    validated = validate_locally(model, cfg, "tiny_val")
+    speech: dict = {}
+    validated = validate_locally(model, cfg, "tiny_val", speech)
     ckpt = write_checkpoint(tmp_path / "run" / "step=0000002", model, cfg, step=2)
+    asr_cfg = experiment(tiny_salm_config(llm), train, val, tmp_path / "asr")
     torch.manual_seed(0)
-    scorer = save_pretrained(SALM(tiny_salm_config(llm)), tmp_path / "asr")  # any SALM can score
+    scorer = write_checkpoint(tmp_path / "asr" / "step=0000001", build_model(asr_cfg.model, asr_cfg.data), asr_cfg)
 
     report = evaluate(str(ckpt), [str(val)], num_workers=1, scoring_asr=str(scorer), save_audio=True, mlflow=False)
     (result,) = report.sets
@@ -160,7 +164,11 @@ def test_duplex_eval_reports_validation_bleu_and_asr_bleu(ray_session, tmp_path)
     assert {cut: (row["hypothesis"], row["reference"]) for cut, row in rows.items()} == validated
     hyps, refs = [h for h, _ in validated.values()], [r for _, r in validated.values()]
     assert result.metrics["txt_bleu"] == corpus_bleu(hyps, refs)
-    assert result.metrics["asr_bleu"] == corpus_bleu([row["asr_hypothesis"] for row in rows.values()], refs)
+    # validation's scorer on validation's speech gives the same transcripts (and so the same ASR-BLEU)
+    cuts = list(validated)
+    transcripts = ScoringASR(str(scorer)).transcribe([speech[c] for c in cuts], cfg.data.target_sample_rate)
+    assert [rows[c]["asr_hypothesis"] for c in cuts] == transcripts
+    assert result.metrics["asr_bleu"] == corpus_bleu(transcripts, refs)
     assert all((Path(result.manifest).parent / row["audio"]).is_file() for row in rows.values())
 
 

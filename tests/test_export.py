@@ -130,24 +130,42 @@ def test_export_cli_registers_the_model_in_mlflow(tmp_path, lora_checkpoint):
     assert main(["export", str(ckpt), "--out", str(out)]) == 2  # not empty: refused
 
 
-def test_duplex_speech_decoder_export_round_trip(tmp_path):
+def test_duplex_speech_decoder_export_round_trip_and_lora_merge(tmp_path):
     llm = build_tiny_llm_dir(tmp_path / "llm")
     codec = build_tiny_codec_dir(tmp_path / "codec", "dac")
-    torch.manual_seed(0)
-    model = DuplexS2SSpeechDecoderModel(tiny_duplex_model_config(llm, codec, speech_decoder=True)).eval()
-    out = save_pretrained(model, tmp_path / "export")
-    assert (out / "audio_codec" / "config.json").is_file()
+    shar = write_synthetic_shar(tmp_path / "shar", n_cuts=2, n_shards=1, with_target_audio=True)
+    lora = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    cfg = experiment(tiny_duplex_model_config(llm, codec, speech_decoder=True, lora=lora), shar, tmp_path / "run")
+    torch.manual_seed(cfg.trainer.seed)
+    model = build_model(cfg.model, cfg.data)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    ckpt = write_checkpoint(tmp_path / "run" / "step=0000001", model, cfg, step=1)
+    plain = export_model(str(ckpt), tmp_path / "plain")
+    merged = export_model(str(ckpt), tmp_path / "merged", merge_lora=True, atol=1e-5, rtol=1e-5)
+    assert plain.reload_max_diff == 0.0 and merged.merged_lora and merged.merge_max_diff < 1e-4
+    assert (Path(plain.out_dir) / "audio_codec" / "config.json").is_file()
+
+    source = resolve_source(str(ckpt))
+    original, _ = load_model(source)
+    probe = make_probe(original, source)
     signal = np.random.default_rng(0).standard_normal((1, 8000)).astype(np.float32) * 0.1
-    expected = model.offline_inference(signal, np.array([8000]))
+    expected = original.offline_inference(signal, np.array([8000]))
     with moved_away(llm, codec):
-        loaded = DuplexS2SModel.from_pretrained(str(out))  # the subclass comes back
+        loaded = DuplexS2SModel.from_pretrained(plain.out_dir)  # the subclass comes back
         assert type(loaded) is DuplexS2SSpeechDecoderModel
         got = loaded.offline_inference(signal, np.array([8000]))
+        merged_model = DuplexS2SSpeechDecoderModel.from_pretrained(merged.out_dir)
+        torch.testing.assert_close(
+            probe_logits(merged_model, probe), probe_logits(original, probe), atol=1e-4, rtol=1e-4
+        )
     for key in ("tokens_text", "tokens_audio", "audio"):
         assert torch.equal(got[key], expected[key]), key
     assert got["text"] == expected["text"]
     with pytest.raises(TypeError, match="not a SALM"):
-        SALM.from_pretrained(str(out))
+        SALM.from_pretrained(plain.out_dir)
 
 
 def test_perception_build_options_of_a_pretrained_asr_survive_export(tmp_path, lora_checkpoint):

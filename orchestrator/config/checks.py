@@ -11,6 +11,7 @@ import re
 
 from orchestrator.config.schema import DatasetConfig, ExperimentConfig
 from orchestrator.config.targets import target_problem
+from orchestrator.config.validate import did_you_mean
 from speech_models.config import ConformerConfig
 
 CONV_NORM = re.compile(r"^(batch_norm|layer_norm|group_?norm\d*)$")
@@ -20,6 +21,7 @@ def check_experiment(cfg: ExperimentConfig, problems: list[str]) -> None:
     """Append every cross-key problem of `cfg` to `problems`."""
     _check_trainer(cfg, problems)
     _check_model(cfg, problems)
+    _check_monitor(cfg, problems)
     _check_dataset(cfg.data.train_ds, "data.train_ds", problems)
     if cfg.data.validation_ds is not None:
         if not cfg.data.validation_ds.datasets:
@@ -47,6 +49,28 @@ def _check_trainer(cfg: ExperimentConfig, problems: list[str]) -> None:
         )
     if t.cpus_per_worker is not None and t.cpus_per_worker <= 0:
         problems.append(f"trainer.cpus_per_worker: {t.cpus_per_worker} must be positive")
+
+
+def produced_metrics(cfg: ExperimentConfig) -> list[str]:
+    """The validation metrics a run of `cfg` reports (each also per set as `<metric>_<set name>`)."""
+    model_type = cfg.model.resolved_model_type()
+    metrics = ["val_loss", "val_acc", "val_wer" if model_type == "salm" else "val_txt_bleu"]
+    if model_type != "salm" and cfg.model.scoring_asr:
+        metrics.append("val_asr_bleu")
+    return metrics
+
+
+def _check_monitor(cfg: ExperimentConfig, problems: list[str]) -> None:
+    if cfg.data.validation_ds is None or not cfg.exp_manager.create_checkpoint_callback:
+        return  # without validation, checkpoints are kept by recency and monitor is unused
+    monitor = cfg.exp_manager.checkpoint_callback_params.monitor
+    produced = produced_metrics(cfg)
+    if not any(monitor == m or monitor.startswith(m + "_") for m in produced):
+        why = " (val_asr_bleu needs model.scoring_asr)" if monitor.startswith("val_asr_bleu") else ""
+        problems.append(
+            f"exp_manager.checkpoint_callback_params.monitor: {monitor!r} is not a metric this run reports{why}; "
+            f"choose one of {', '.join(produced)} (or <metric>_<validation set name>)" + did_you_mean(monitor, produced)
+        )
 
 
 def _check_model(cfg: ExperimentConfig, problems: list[str]) -> None:

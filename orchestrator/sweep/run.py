@@ -139,9 +139,9 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
         with checkpoint.as_directory() as directory:
             pointer = json.loads((Path(directory) / POINTER_FILE).read_text())
     run_dir, start_from = trial_run_dir(loaded.sweep_dir, trial_id, pointer)
-    overrides = loaded.trial_overrides(config) + trial_overrides(context, trial_id, run_dir, start_from)
-    cfg = loaded.trial_config(config, trial_overrides(context, trial_id, run_dir, start_from)).cfg
-    _log_attempt(run_dir, trial_id, overrides, start_from)
+    placement = trial_overrides(context, trial_id, run_dir, start_from)
+    cfg = loaded.trial_config(config, placement).cfg
+    _log_attempt(run_dir, trial_id, loaded.trial_overrides(config) + placement, start_from)
     tags = {
         TRIAL_ID_TAG: trial_id,
         SWEEP_TAG: loaded.spec.name,
@@ -462,7 +462,8 @@ def run_sweep(loaded: LoadedSweep, resume: bool = False, retry_failed: bool = Fa
                 num_samples=loaded.spec.num_samples,
                 time_budget_s=loaded.spec.time_budget_s,
                 trial_dirname_creator=lambda trial: trial.trial_id,
-                reuse_actors=True,  # a finished trial's process runs the next one (Tune does not reuse stopped ones)
+                # No actor reuse: a trial stopped by the scheduler must take its Train run down with its process.
+                reuse_actors=False,
             ),
             run_config=tune.RunConfig(
                 name=TUNE_DIR,
