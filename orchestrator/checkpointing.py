@@ -45,10 +45,26 @@ def checkpoint_dir_name(step: int, pattern: str = "{step}") -> str:
     return pattern.replace("{step}", f"step={step:07d}").replace("/", "_")
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP wrapper (whose parameter names carry a `module.` prefix); FSDP2 keeps names."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def trainable_names(model: torch.nn.Module) -> set[str]:
+    return {name for name, p in unwrap(model).named_parameters() if p.requires_grad}
+
+
 def _kept_model_state(model: torch.nn.Module, full_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    buffers = {name for name, _ in model.named_buffers()}
-    return {k: v.detach().contiguous().cpu() for k, v in full_state.items() if k in trainable or k in buffers}
+    # `get_state_dict` returns unprefixed names, so compare them with the unwrapped model's names.
+    trainable = trainable_names(model)
+    buffers = {name for name, _ in unwrap(model).named_buffers()}
+    kept = {k: v.detach().contiguous().cpu() for k, v in full_state.items() if k in trainable or k in buffers}
+    missing = trainable - kept.keys()
+    if missing:
+        raise CheckpointError(
+            f"{len(missing)} trainable parameters are missing from the state dict: {sorted(missing)[:3]}"
+        )
+    return kept
 
 
 def save_checkpoint(
@@ -117,6 +133,13 @@ def load_checkpoint(
     """Restore model, optimizer and scheduler in place (works for DDP- and FSDP2-wrapped models)."""
     state = read_state(directory)
     saved_weights = load_file(str(directory / WEIGHTS_FILE))
+    missing = trainable_names(model) - saved_weights.keys()
+    if missing:
+        raise CheckpointError(
+            f"{directory}: {len(missing)} trainable parameters have no saved tensor (e.g. {sorted(missing)[:3]}); "
+            "the checkpoint is incomplete or was made with another model config; resume from another checkpoint "
+            "(exp_manager.resume_from_checkpoint) or start a new run"
+        )
     trainer_state = torch.load(directory / TRAINER_STATE_FILE, map_location="cpu", weights_only=False)
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_state_dict(

@@ -96,7 +96,7 @@ def eval_dataset(source: ModelSource, data: str, batch_size: int | None = None) 
             sample_rate = int(source.data_cfg.source_sample_rate)  # an export's input rate
         dataset = dataclasses.replace(
             base,
-            input_cfg=[InputConfig(shar_path=data, tags=tags)],
+            input_cfg=[InputConfig(shar_path=target, tags=tags)],  # absolute: Ray workers have their own cwd
             shar_path=None,
             shuffle=False,
             sample_rate=sample_rate,

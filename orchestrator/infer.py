@@ -102,7 +102,7 @@ def prompt_defaults(model_cfg: ModelConfig, data_cfg: Any, dataset_cfg: Any) -> 
     return PromptDefaults(collator.context, collator.system_prompt, collator.prompt_format)
 
 
-def _checkpoint_source(path: str, overrides: Sequence[str], run_dir: str | None) -> ModelSource:
+def _checkpoint_source(path: str, overrides: Sequence[str], run_dir: str | None, check: bool = True) -> ModelSource:
     import yaml
 
     from orchestrator.checkpointing import CONFIG_FILE, FORMAT_VERSION, STATE_FILE
@@ -116,7 +116,7 @@ def _checkpoint_source(path: str, overrides: Sequence[str], run_dir: str | None)
     cfg = experiment_from_dict(
         yaml.safe_load(storage.read_text(_join(path, CONFIG_FILE))), list(overrides), source=_join(path, CONFIG_FILE)
     ).cfg
-    if "://" not in path:
+    if check and "://" not in path:
         _check_not_empty(Path(path))
     return ModelSource(
         kind="checkpoint",
@@ -154,7 +154,7 @@ def _pick_checkpoint(run_dir: str, which: Which, overrides: Sequence[str]) -> Mo
             f"{run_dir} is not a checkpoint (no state.json), an exported model (no speechlm_config.yaml) "
             "or a run directory with step=... checkpoints; point at one of those"
         )
-    latest = _checkpoint_source(checkpoints[-1][1], overrides, run_dir)
+    latest = _checkpoint_source(checkpoints[-1][1], overrides, run_dir, check=which == "latest")
     if which == "latest":
         return latest
     params = latest.experiment.exp_manager.checkpoint_callback_params
@@ -165,10 +165,10 @@ def _pick_checkpoint(run_dir: str, which: Which, overrides: Sequence[str]) -> Mo
             scored.append((float(metrics[params.monitor]), step, path))
     if not scored:
         logger.info("no checkpoint of %s reports %s; using the latest", run_dir, params.monitor)
-        return latest
+        return _checkpoint_source(latest.path, overrides, run_dir)
     # Ties go to the later step.
     best = min(scored, key=lambda s: (s[0], -s[1])) if params.mode == "min" else max(scored, key=lambda s: s[:2])
-    return latest if best[2] == latest.path else _checkpoint_source(best[2], overrides, run_dir)
+    return _checkpoint_source(best[2], overrides, run_dir)
 
 
 def resolve_source(path: str, which: Which = "best", overrides: Sequence[str] = ()) -> ModelSource:

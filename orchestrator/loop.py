@@ -272,6 +272,21 @@ def _reduce_interval(stats: IntervalStats, optimizer, world: int) -> dict[str, f
     return metrics
 
 
+def average_buffers(model: torch.nn.Module, world: int) -> None:
+    """Average floating-point persistent buffers (BatchNorm running statistics) over ranks.
+
+    DDP runs with broadcast_buffers=False (some buffers differ in size per rank), so each rank's statistics
+    drift apart; non-persistent buffers (positional tables) are left alone.
+    """
+    if world == 1:
+        return
+    persistent = set(model.state_dict().keys())
+    for name, buffer in model.named_buffers():
+        if name in persistent and buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer.div_(world)
+
+
 def report_validation_and_checkpoint(
     unwrapped: torch.nn.Module,
     model: torch.nn.Module,
@@ -287,6 +302,7 @@ def report_validation_and_checkpoint(
 ) -> None:
     """Validate every set, log the metrics, and report them to Ray Train together with a checkpoint."""
     metrics: dict[str, float] = {"step": float(state.step)}
+    average_buffers(unwrapped, world)  # every rank validates, and rank 0 saves, the same BatchNorm statistics
     if settings.validation_sets:
         unwrapped.eval()
         with torch.no_grad(), autocast():

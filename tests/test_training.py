@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from safetensors.torch import load_file
 
 from orchestrator import storage
 from orchestrator.config import load_experiment
@@ -72,6 +73,10 @@ def test_run_writes_metrics_params_and_artifacts_to_mlflow(ray_session, tiny_dem
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "curves.png"} <= artifacts
     assert run.data.tags["speechlm.last_checkpoint"].endswith("step=0000006")
+    # A 2-worker (DDP) checkpoint holds every trainable tensor under the model's own (unwrapped) names.
+    weights = load_file(str(run_dir / "step=0000006" / "weights.safetensors"))
+    assert any(k.startswith("perception.encoder.") for k in weights)
+    assert any(k.startswith("llm.model.layers.") for k in weights) and "embed_tokens.weight" in weights
 
 
 def test_rerun_resumes_at_the_checkpointed_step(ray_session, tiny_demo: Path, tmp_path: Path) -> None:
