@@ -151,9 +151,7 @@ def _shar_content(root: Path) -> list:
     from lhotse import CutSet
 
     content = []
-    for split_dir in sorted(root.glob("*/*")):
-        if split_dir.parent.name == "llm":
-            continue
+    for split_dir in sorted([*root.glob("asr/*"), *root.glob("s2s/*")]):  # not llm/ or codec/
         for path in sorted(split_dir.glob("cuts.*.jsonl.gz")):
             with gzip.open(path, "rt") as f:
                 content.append((path.relative_to(root), f.read()))
