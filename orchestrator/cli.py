@@ -74,21 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(validate)
     validate.set_defaults(func=cmd_validate)
 
-    _add_optional_commands(sub)
+    _add_command_groups(sub)
     return parser
 
 
-def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
-    """Command groups that live in their own modules, each registering its own arguments."""
-    for module_name in ("orchestrator.cli_data", "orchestrator.cli_sweep", "orchestrator.cli_models"):
-        try:
-            module = __import__(module_name, fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        getattr(module, "add_data_commands", None) and module.add_data_commands(sub)
-        getattr(module, "register", None) and module.register(sub)
+def _add_command_groups(sub: argparse._SubParsersAction) -> None:
+    """Command groups that live in their own modules (data, sweep, eval/infer/export), each registering its
+    own arguments; they import their heavy dependencies only when their command runs."""
+    from orchestrator import cli_data, cli_models, cli_sweep
+
+    for module in (cli_data, cli_sweep, cli_models):
+        module.register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

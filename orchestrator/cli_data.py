@@ -76,7 +76,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Register the `data` command group (demo, shar, inspect) on the top-level subparsers."""
     data = subparsers.add_parser("data", help="demo assets and Lhotse Shar tools")
     sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from orchestrator.cli_data import add_data_commands
+from orchestrator.cli_data import register as add_data_commands
 from orchestrator.data.demo import write_demo_split
 from orchestrator.data.shar_tools import (
     convert_audio_dir_to_shar,

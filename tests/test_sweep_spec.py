@@ -270,3 +270,28 @@ def test_trial_run_dir_resumes_its_own_and_forks_for_pbt(tmp_path):
     assert trial_run_dir(sweep, "x_1", own) == (f"{sweep}/trials/x_1", None)
     donor = {"trial_id": "x_0", "run_dir": f"{sweep}/trials/x_0", "checkpoint": "/ck/step=20", "step": 20}
     assert trial_run_dir(sweep, "x_1", donor) == (f"{sweep}/trials/x_1-from-x_0-step20", "/ck/step=20")
+
+
+def test_error_summary_finds_the_root_cause():
+    from orchestrator.sweep.report import error_summary
+
+    error = (
+        "Traceback (most recent call last):\n"
+        "ray.exceptions.RayTaskError(TrialFailedError): ray::SweepTrial.train() (pid=1)\n"
+        "orchestrator.sweep.run.TrialFailedError: trial a_1 failed; run dir /x: TrainingFailedError: workers failed\n"
+        "    raise ValueError(f'Invalid learning rate: {lr}')\n"
+        "ValueError: Invalid learning rate: -1.0\n"
+    )
+    assert error_summary(error) == "ValueError: Invalid learning rate: -1.0"
+    assert error_summary(None) == ""
+
+
+def test_pbt_refuses_keys_a_checkpoint_fixes():
+    problems = problems_of(
+        spec(
+            scheduler={"type": "pbt"},
+            num_samples=4,
+            search_space={"model.lora.r": {"choice": [4, 8]}, "model.text_loss_weight": {"uniform": [0.5, 2.0]}},
+        )
+    )
+    assert len(problems) == 1 and problems[0].startswith("search_space.model.lora.r: PBT copies checkpoints")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ def collect_trials(tune_path: str, loaded: LoadedSweep) -> list[TrialRecord]:
                     history.append((int(step), float(value)))
         last_step = history[-1][0] if history else None
         status = trial_status(trial.status, last_step, loaded)
-        error = _read_error(trial) if status == "failed" else None
+        error = _read_error(tune_path, trial) if status == "failed" else None
         records.append(TrialRecord(trial.trial_id, status, dict(trial.config), history, last_step, error))
     return rank(records, loaded.spec.mode)
 
@@ -100,17 +101,38 @@ def _finite(value: Any) -> bool:
         return False
 
 
-def _read_error(trial) -> str | None:
-    path = getattr(trial, "error_file", None)
+def _read_error(tune_path: str, trial) -> str | None:
+    """The trial's error.txt in the experiment dir (trial dirs are named by trial id). Not `trial.error_file`:
+    after a --resume that points into the previous driver's Ray session dir, which is gone."""
+    from orchestrator import storage
+
     try:
-        if path and Path(path).is_file():
-            return Path(path).read_text().strip()
-    except OSError:
-        pass
-    return None
+        return storage.read_text(f"{tune_path.rstrip('/')}/{trial.trial_id}/error.txt").strip()
+    except (OSError, FileNotFoundError):
+        return None
 
 
 # -------------------------------------------------------------------------------------------------- tables
+
+_EXCEPTION_LINE = re.compile(r"^\s*([\w.]+(?:Error|Exception)): (.+)$")
+_WRAPPERS = (
+    "TrialFailedError",
+    "TrainingFailedError",
+    "WorkerGroupError",
+    "ControllerError",
+    "RayTaskError",
+    "TuneError",
+)
+
+
+def error_summary(error: str | None) -> str:
+    """The root cause of a trial's error in one line (the innermost exception, not Ray's or our wrappers)."""
+    if not error:
+        return ""
+    causes = [m for line in error.splitlines() if (m := _EXCEPTION_LINE.match(line))]
+    inner = [m for m in causes if not m.group(1).split(".")[-1].startswith(_WRAPPERS)]
+    pick = (inner or causes)[-1] if (inner or causes) else None
+    return f"{pick.group(1).split('.')[-1]}: {pick.group(2)}"[:300] if pick else error.splitlines()[-1][:300]
 
 
 def _value_text(value: Any) -> str:
@@ -193,7 +215,7 @@ def results_csv(records: list[TrialRecord], loaded: LoadedSweep) -> str:
                 best[0] if best else "",
                 r.last_step or "",
                 loaded.spec.metric,
-                (r.error or "").splitlines()[-1] if r.error else "",
+                error_summary(r.error),
             ]
         )
     return out.getvalue()
@@ -277,7 +299,7 @@ def comparison_png(records: list[TrialRecord], loaded: LoadedSweep, out_file: Pa
 
 def finish_sweep(loaded: LoadedSweep, records: list[TrialRecord], context, elapsed: float, interrupted: bool):
     """Write the sweep's files, attach them to the MLflow parent run, print the summary."""
-    from orchestrator.sweep.run import SweepOutcome, child_runs
+    from orchestrator.sweep.run import SweepOutcome, child_runs, reconcile_trial_runs
 
     sweep_dir = loaded.sweep_dir
     local = "://" not in sweep_dir
@@ -297,6 +319,7 @@ def finish_sweep(loaded: LoadedSweep, records: list[TrialRecord], context, elaps
         load_experiment(best_path)  # what we hand the user must validate
     png = comparison_png(records, loaded, out / COMPARISON_PNG)
 
+    reconcile_trial_runs(context, records)
     client = tracking._client(context.tracking_uri)
     for path in (out / RESULTS_TABLE, out / RESULTS_CSV, best_path, png):
         if path is not None:

@@ -1,28 +1,31 @@
 """`speechlm sweep`: a validated sweep spec -> Ray Tune, one Ray Train run per trial, tracked in MLflow.
 
-The shape (Ray Train v2 + Tune): a Tune trial is a small function that loads the base config with the
-trial's values and calls `orchestrator.train.run_training` - exactly what `speechlm train` does - with the
-trial's own run dir `<sweep dir>/trials/<trial id>`, so a restarted trial resumes from its own checkpoints.
+The shape (Ray Train v2 + Tune): a Tune trial (`SweepTrial`) loads the base config with the trial's values
+and calls `orchestrator.train.run_training` - exactly what `speechlm train` does - with the trial's own run
+dir `<sweep dir>/trials/<trial id>`, so a restarted trial resumes from its own checkpoints.
 
 How results reach Tune: a `ray.train.UserCallback` in the Train controller forwards only the validation
-reports (they carry `step` and the metric) through a Ray queue to the trial function, which calls
-`tune.report` with a tiny pointer checkpoint (the path of the Train checkpoint). Log-step reports stay out of
-Tune: they lack the metric, which Tune's strict metric check rejects, and ASHA/PBT act on validations only.
-The pointer checkpoints are what PBT copies between trials.
+reports (they carry `step` and the metric) through a Ray queue to the trial, whose `step()` returns them to
+Tune one by one; a Tune checkpoint is a tiny pointer to the Train checkpoint of that report. Log-step
+reports stay out of Tune: they lack the metric, which Tune's strict metric check rejects, and ASHA/PBT act
+on validations only. The pointers are what --resume and PBT restart trials from.
+
+Stopping: when Tune stops a trial (ASHA, time budget, Ctrl-C) the trial's `cleanup` aborts its Train run, so
+its workers and placement group are released before the next trial asks for them.
 
 Status: the driver's `TrialStatusCallback` tags each child MLflow run with speechlm.trial_status =
-finished | early_stopped (stopped by the scheduler or the time budget before trainer.max_steps) | failed,
-and closes runs whose trial was stopped before it could close them itself.
+finished | early_stopped (stopped by the scheduler or the time budget before trainer.max_steps) | failed;
+the end of the sweep reconciles every child run's MLflow status with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,7 +39,7 @@ from ray import tune
 from orchestrator import storage, tracking
 from orchestrator.config import ConfigError, flatten, to_yaml
 from orchestrator.sweep import search_space
-from orchestrator.sweep.report import trial_status
+from orchestrator.sweep.report import error_summary, trial_status
 from orchestrator.sweep.spec import LoadedSweep, SweptParam
 
 logger = logging.getLogger(__name__)
@@ -48,7 +51,6 @@ POINTER_FILE = "train_checkpoint.json"
 TRIAL_ID_TAG = "speechlm.trial_id"
 TRIAL_STATUS_TAG = "speechlm.trial_status"
 SWEEP_TAG = "speechlm.sweep"
-CURVE_KEYS = ["loss", "val_loss", "val_acc", "val_wer", "val_txt_bleu"]
 
 
 class TrialFailedError(RuntimeError):
@@ -81,12 +83,20 @@ class SweepOutcome:
 
 
 class ForwardValidationReports(ray.train.UserCallback):
-    """Runs in the Train controller: validation reports (they carry `step`) -> the trial's queue."""
+    """Runs in the Train controller: validation reports (they carry `step`) -> the trial's queue.
+
+    The first report also sends the controller's own handle, so that a trial stopped by Tune can abort its
+    Train run cleanly (workers and placement group released) before its process exits.
+    """
 
     def __init__(self, queue) -> None:
         self._queue = queue
+        self._sent_handle = False
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if not self._sent_handle:
+            self._queue.put({"controller": ray.get_runtime_context().current_actor})
+            self._sent_handle = True
         first = metrics[0] if metrics else {}
         if "step" not in first:  # a log-step report: no validation metric
             return
@@ -123,81 +133,129 @@ def trial_overrides(context: SweepContext, trial_id: str, run_dir: str, start_fr
     ]
 
 
-def run_trial(config: dict[str, Any], context: SweepContext) -> None:
-    """One Tune trial: the base config with this trial's values, trained by `run_training`."""
-    from ray.util.queue import Queue
+class SweepTrial(tune.Trainable):
+    """One Tune trial: the base config with this trial's values, trained by `run_training` in a thread.
 
-    from orchestrator.train import run_training
+    Each `step` returns the next validation report (Tune's scheduler acts on it); a Tune checkpoint is a
+    pointer to the Train checkpoint of that report. A class trainable, because its `cleanup` runs before
+    the process exits when Tune stops the trial: there the Train run is aborted, releasing its workers and
+    placement group (left to Train's own cleaner, a stopped trial's resources can stay booked).
+    """
 
-    trial_id = tune.get_context().get_trial_id()
-    if Path(context.cwd).is_dir():  # relative data paths in configs mean the launch directory
-        os.chdir(context.cwd)
-    loaded = context.loaded
-    checkpoint = tune.get_checkpoint()
-    pointer = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            pointer = json.loads((Path(directory) / POINTER_FILE).read_text())
-    run_dir, start_from = trial_run_dir(loaded.sweep_dir, trial_id, pointer)
-    placement = trial_overrides(context, trial_id, run_dir, start_from)
-    cfg = loaded.trial_config(config, placement).cfg
-    _log_attempt(run_dir, trial_id, loaded.trial_overrides(config) + placement, start_from)
-    tags = {
-        TRIAL_ID_TAG: trial_id,
-        SWEEP_TAG: loaded.spec.name,
-        TRIAL_STATUS_TAG: "running",
-        **{f"sweep.{p.key}": str(config[p.key]) for p in loaded.params},
-    }
-    queue = Queue(actor_options={"num_cpus": 0})
-    outcome: dict[str, Any] = {}
+    def setup(self, config: dict[str, Any], context: SweepContext) -> None:
+        self.context = context
+        self.pointer: dict[str, Any] | None = None  # the Tune checkpoint this trial (re)starts from
+        self.thread: threading.Thread | None = None
+        self.queue = None
+        self.controller = None  # the Train controller's handle, once it reported
+        self.outcome: dict[str, Any] = {}
+        self.last_metrics: dict[str, float] | None = None
+        self.last_checkpoint: str | None = None
+        self.run_dir: str | None = None
+        if Path(context.cwd).is_dir():  # relative data paths in configs mean the launch directory
+            os.chdir(context.cwd)
 
-    def train() -> None:
-        try:
-            outcome["result"] = run_training(
-                cfg,
-                source=f"sweep {loaded.source} trial {trial_id}",
-                parent_run_id=context.parent_run_id,
-                extra_tags=tags,
-                callbacks=[ForwardValidationReports(queue)],
-            )
-        except BaseException as exc:  # reported below, from the Tune thread
-            outcome["error"] = exc
+    # Tune checkpoints: a pointer to the Train checkpoint --------------------------------------------
+    def save_checkpoint(self, checkpoint_dir: str) -> None:
+        pointer = {
+            "trial_id": self.trial_id,
+            "run_dir": self.run_dir,
+            "checkpoint": self.last_checkpoint,
+            "step": (self.last_metrics or {}).get("step", 0),
+        }
+        (Path(checkpoint_dir) / POINTER_FILE).write_text(json.dumps(pointer))
 
-    thread = threading.Thread(target=train, name=f"train-{trial_id}", daemon=True)
-    thread.start()
-    _pump_reports(queue, thread, trial_id, run_dir)
-    if "error" in outcome:
-        raise TrialFailedError(f"trial {trial_id} ({run_dir}) raised: {outcome['error']!r}") from outcome["error"]
-    result = outcome["result"]
-    if not result.ok:
-        raise TrialFailedError(f"trial {trial_id} failed; run dir {run_dir}: {result.error}")
+    def load_checkpoint(self, checkpoint_dir: str) -> None:
+        pointer = json.loads((Path(checkpoint_dir) / POINTER_FILE).read_text())
+        self.pointer = pointer if pointer.get("run_dir") else None
 
-
-def _pump_reports(queue, thread: threading.Thread, trial_id: str, run_dir: str) -> None:
-    """Forward validation reports to Tune until training ends (Tune may stop the trial inside tune.report)."""
-    from ray.util.queue import Empty
-
-    while True:
-        try:
-            item = queue.get(timeout=1.0)
-        except Empty:
-            if thread.is_alive():
+    # the trial --------------------------------------------------------------------------------------
+    def step(self) -> dict[str, Any]:
+        if self.thread is None:
+            self._start_training()
+        while True:
+            item = self._next_item()
+            if item is None:  # training ended without a report at max_steps (e.g. max_epochs)
+                self._raise_if_failed()
+                if self.last_metrics is None:
+                    raise TrialFailedError(f"trial {self.trial_id} ended without a validation ({self.run_dir})")
+                return {**self.last_metrics, "done": True}
+            if "controller" in item:
+                self.controller = item["controller"]
                 continue
-            break
-        _report_to_tune(item, trial_id, run_dir)
-    while not queue.empty():  # training ended: every report is already in the queue
-        _report_to_tune(queue.get_nowait(), trial_id, run_dir)
+            metrics = {k: v for k, v in item["metrics"].items() if isinstance(v, (int, float)) and math.isfinite(v)}
+            self.last_metrics = metrics
+            self.last_checkpoint = item["checkpoint"] or self.last_checkpoint
+            if metrics.get("step", 0) >= self.context.loaded.max_steps:
+                self.thread.join()  # the run closes its MLflow run and summary; then the trial is done
+                self._raise_if_failed()
+                return {**metrics, "done": True}
+            return metrics
 
+    def cleanup(self) -> None:
+        """Tune stopped the trial (scheduler, time budget, Ctrl-C) while it trained: abort the Train run."""
+        if self.thread is None or not self.thread.is_alive():
+            return
+        if self.controller is not None:
+            # The controller exits inside abort, so the call ends with an actor error: expected.
+            with contextlib.suppress(Exception):
+                ray.get(self.controller.abort.remote(), timeout=120)
+        self.thread.join(timeout=120)
+        settle_stopped_trial(self.context, self.trial_id)
 
-def _report_to_tune(item: dict[str, Any], trial_id: str, run_dir: str) -> None:
-    metrics = {k: v for k, v in item["metrics"].items() if isinstance(v, (int, float)) and math.isfinite(v)}
-    if item["checkpoint"] is None:
-        tune.report(metrics)
-        return
-    pointer = {"trial_id": trial_id, "run_dir": run_dir, "checkpoint": item["checkpoint"], "step": metrics["step"]}
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / POINTER_FILE).write_text(json.dumps(pointer))
-        tune.report({**metrics, "checkpoint_path": item["checkpoint"]}, checkpoint=tune.Checkpoint.from_directory(tmp))
+    # helpers ----------------------------------------------------------------------------------------
+    def _start_training(self) -> None:
+        from ray.util.queue import Queue
+
+        from orchestrator.train import run_training
+
+        loaded, context, trial_id = self.context.loaded, self.context, self.trial_id
+        self.run_dir, start_from = trial_run_dir(loaded.sweep_dir, trial_id, self.pointer)
+        placement = trial_overrides(context, trial_id, self.run_dir, start_from)
+        cfg = loaded.trial_config(self.config, placement).cfg
+        _log_attempt(self.run_dir, trial_id, loaded.trial_overrides(self.config) + placement, start_from)
+        tags = {
+            TRIAL_ID_TAG: trial_id,
+            SWEEP_TAG: loaded.spec.name,
+            TRIAL_STATUS_TAG: "running",
+            **{f"sweep.{p.key}": str(self.config[p.key]) for p in loaded.params},
+        }
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        callbacks = [ForwardValidationReports(self.queue)]
+
+        def train() -> None:
+            try:
+                self.outcome["result"] = run_training(
+                    cfg,
+                    source=f"sweep {loaded.source} trial {trial_id}",
+                    parent_run_id=context.parent_run_id,
+                    extra_tags=tags,
+                    callbacks=callbacks,
+                )
+            except BaseException as exc:  # raised from step(), in Tune's thread
+                self.outcome["error"] = exc
+
+        self.thread = threading.Thread(target=train, name=f"train-{trial_id}", daemon=True)
+        self.thread.start()
+
+    def _next_item(self) -> dict[str, Any] | None:
+        """The next report from the Train run; None once training has ended and every report was read."""
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                return self.queue.get(timeout=1.0)
+            except Empty:
+                if not self.thread.is_alive() and self.queue.empty():
+                    return None
+
+    def _raise_if_failed(self) -> None:
+        if "error" in self.outcome:
+            error = self.outcome["error"]
+            raise TrialFailedError(f"trial {self.trial_id} ({self.run_dir}) raised: {error!r}") from error
+        result = self.outcome["result"]
+        if not result.ok:
+            raise TrialFailedError(f"trial {self.trial_id} failed; run dir {self.run_dir}: {result.error}")
 
 
 def _log_attempt(run_dir: str, trial_id: str, overrides: list[str], start_from: str | None) -> None:
@@ -254,7 +312,7 @@ class TrialStatusCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         error = _error_text(trial)
-        print(f"[sweep] trial {trial.trial_id} FAILED: {error.splitlines()[-1] if error else '?'}", flush=True)
+        print(f"[sweep] trial {trial.trial_id} FAILED: {error_summary(error) or '?'}", flush=True)
         self._mark(trial.trial_id, "failed", error, config=trial.config)
         self._print_table(trials, {trial.trial_id: "failed"})
 
@@ -280,36 +338,50 @@ class TrialStatusCallback(tune.Callback):
 
 
 def mark_trial_runs(context: SweepContext, trial_id: str, status: str, error: str | None, config: dict | None) -> None:
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=context.tracking_uri)
+    """Tag the trial's child runs with its status (the runs are closed by the trial itself); a failure that
+    never reached MLflow (before training started) becomes a failed child run of its own."""
+    client = tracking._client(context.tracking_uri)
     runs = child_runs(context.tracking_uri, context.experiment_name, context.parent_run_id, trial_id)
     if not runs and status == "failed":
         run_dir = f"{context.loaded.sweep_dir}/{TRIALS_DIR}/{trial_id}"
         params = {p.key: (config or {}).get(p.key) for p in context.loaded.params}
+        tags = {TRIAL_ID_TAG: trial_id, SWEEP_TAG: context.loaded.spec.name}
         run_id = tracking.start_or_resume_run(
-            context.tracking_uri,
-            context.experiment_name,
-            run_dir,
-            trial_id,
-            params,
-            {TRIAL_ID_TAG: trial_id, SWEEP_TAG: context.loaded.spec.name},
-            parent_run_id=context.parent_run_id,
+            context.tracking_uri, context.experiment_name, run_dir, trial_id, params, tags, context.parent_run_id
         )
+        client.set_terminated(run_id, status="FAILED")
         runs = [client.get_run(run_id)]
     for run in runs:
-        run_id = run.info.run_id
-        client.set_tag(run_id, TRIAL_STATUS_TAG, status)
+        client.set_tag(run.info.run_id, TRIAL_STATUS_TAG, status)
         if error:
-            client.set_tag(run_id, "speechlm.error", error[-4000:])
-        if run.info.status == "RUNNING":  # stopped (or failed) before run_training could close it
-            tracking.finish_run(
-                context.tracking_uri,
-                run_id,
-                "FAILED" if status == "failed" else "FINISHED",
-                tags={},
-                curve_keys=CURVE_KEYS,
-            )
+            client.set_tag(run.info.run_id, "speechlm.error", error[-4000:])
+
+
+def settle_stopped_trial(context: SweepContext, trial_id: str) -> None:
+    """After a stopped trial's Train run was aborted (which closes its MLflow run as FAILED): FINISHED when
+    the scheduler stopped it (the driver tagged it early_stopped first), KILLED when the sweep was
+    interrupted (--resume continues the run)."""
+    try:
+        client = tracking._client(context.tracking_uri)
+        for run in child_runs(context.tracking_uri, context.experiment_name, context.parent_run_id, trial_id):
+            early = run.data.tags.get(TRIAL_STATUS_TAG) == "early_stopped"
+            client.set_terminated(run.info.run_id, status="FINISHED" if early else "KILLED")
+    except Exception as exc:  # tracking must never break a sweep
+        logger.warning("could not settle the MLflow run of stopped trial %s: %s", trial_id, exc)
+
+
+def reconcile_trial_runs(context: SweepContext, records: list[Any]) -> None:
+    """At the end of a sweep: every ended trial's child runs carry its final status, tag and MLflow state."""
+    client = tracking._client(context.tracking_uri)
+    terminal = {"finished": "FINISHED", "early_stopped": "FINISHED", "failed": "FAILED"}
+    for record in records:
+        if record.status not in terminal:
+            continue
+        for run in child_runs(context.tracking_uri, context.experiment_name, context.parent_run_id, record.trial_id):
+            if run.data.tags.get(TRIAL_STATUS_TAG) != record.status:
+                client.set_tag(run.info.run_id, TRIAL_STATUS_TAG, record.status)
+            if run.info.status != terminal[record.status]:
+                client.set_terminated(run.info.run_id, status=terminal[record.status])
 
 
 def child_runs(tracking_uri: str, experiment_name: str, parent_run_id: str, trial_id: str | None = None) -> list:
@@ -409,15 +481,29 @@ def check_resume(loaded: LoadedSweep, resume: bool) -> None:
             )
 
 
+def connect_ray_for_sweep() -> None:
+    """`orchestrator.train.connect_ray`, plus a worker setup hook that imports torch in every worker first
+    (see `orchestrator.sweep.worker_setup`: stopped trials must not leave broken workers behind)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(
+        address=os.environ.get("RAY_ADDRESS"),
+        log_to_driver=True,
+        runtime_env={"worker_process_setup_hook": "orchestrator.sweep.worker_setup.preload"},
+    )
+
+
 def run_sweep(loaded: LoadedSweep, resume: bool = False, retry_failed: bool = False) -> SweepOutcome:
     """Run (or resume) the sweep to its end; write the results table, best config and plot; track in MLflow."""
     from orchestrator.sweep import report
-    from orchestrator.train import connect_ray
 
     check_resume(loaded, resume)
     # Trials must see the launch directory (relative data paths), and Train workers the same.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    connect_ray()
+    connect_ray_for_sweep()
     print(search_space.describe(loaded), flush=True)
     concurrency, why = plan_concurrency(loaded, ray.cluster_resources())
     print(f"max_concurrent_trials: {concurrency} ({why})", flush=True)
@@ -434,7 +520,7 @@ def run_sweep(loaded: LoadedSweep, resume: bool = False, retry_failed: bool = Fa
     context = SweepContext(loaded, tracking_uri, experiment, parent_run_id, os.getcwd())
 
     # The trial function only waits on its Train run; the TorchTrainer's workers hold the real resources.
-    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(SweepTrial, context=context), {"CPU": 0.01})
     callbacks = [TrialStatusCallback(context)]
     tune_path = f"{sweep_dir}/{TUNE_DIR}"
     if resume:
@@ -469,6 +555,8 @@ def run_sweep(loaded: LoadedSweep, resume: bool = False, retry_failed: bool = Fa
                 name=TUNE_DIR,
                 storage_path=sweep_dir,
                 failure_config=tune.FailureConfig(max_failures=loaded.spec.max_failures),
+                # A pointer checkpoint after every validation: what --resume and PBT restart trials from.
+                checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1),
                 callbacks=callbacks,
                 verbose=0,  # the callback prints a compact table; Tune's own would list every val_* column
             ),

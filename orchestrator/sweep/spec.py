@@ -547,8 +547,10 @@ HIGHER_IS_BETTER = ("val_acc", "val_txt_bleu", "val_asr_bleu")
 
 def reported_metrics(cfg: ExperimentConfig) -> list[str]:
     """The validation metrics a run of `cfg` reports, overall and per validation set."""
-    text = "val_wer" if cfg.model.resolved_model_type() == "salm" else "val_txt_bleu"
-    names = ["val_loss", "val_acc", text]
+    salm = cfg.model.resolved_model_type() == "salm"
+    names = ["val_loss", "val_acc", "val_wer" if salm else "val_txt_bleu"]
+    if not salm and cfg.model.scoring_asr:
+        names.append("val_asr_bleu")  # the generated speech transcribed by model.scoring_asr
     sets = list(cfg.data.validation_ds.datasets) if cfg.data.validation_ds is not None else []
     return names + [f"{n}_{s}" for s in sets for n in names]
 
