@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ class TrainingResult:
     mlflow_run_id: str | None
     tracking_uri: str | None
     error: str | None = None
+    stopped: bool = False  # ended early because its caller asked (a sweep scheduler), not by an error
 
 
 # ---------------------------------------------------------------------------------------------- resources
@@ -149,8 +151,13 @@ def run_training(
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
     callbacks: list[Any] | None = None,
+    stop_requested: threading.Event | None = None,
 ) -> TrainingResult:
-    """Train `cfg` to trainer.max_steps (resuming when the run dir has checkpoints) and report where it all is."""
+    """Train `cfg` to trainer.max_steps (resuming when the run dir has checkpoints) and report where it all is.
+
+    stop_requested: set by a caller that aborts the run on purpose (a sweep trial stopped by its scheduler),
+    so that the abort is reported as a stop, not as a failure.
+    """
     import ray
     import ray.data
     import ray.train
@@ -246,6 +253,7 @@ def run_training(
         error = None if ok else str(result.error)
     except Exception as exc:  # TrainingFailedError and friends: record it in MLflow, then report
         ok, result, error = False, None, f"{type(exc).__name__}: {exc}"
+    stopped = not ok and stop_requested is not None and stop_requested.is_set()
     best = _best_checkpoint(result, params.monitor, params.mode) if result and has_validation else None
     last = result.checkpoint.path if result and result.checkpoint else None
     # With storage_filesystem, Ray reports paths inside it (bucket/run/step=...): give them their scheme back.
@@ -255,7 +263,7 @@ def run_training(
         tracking.finish_run(
             tracking_uri,
             run_id,
-            "FINISHED" if ok else "FAILED",
+            "FINISHED" if ok else ("KILLED" if stopped else "FAILED"),
             tags={
                 "speechlm.best_checkpoint": best or "",
                 "speechlm.last_checkpoint": last or "",
@@ -263,7 +271,7 @@ def run_training(
             },
             curve_keys=["loss", "val_loss", "val_wer", "val_txt_bleu", "val_asr_bleu"],
         )
-    outcome = TrainingResult(ok, directory, best, last, metrics, run_id, tracking_uri, error)
+    outcome = TrainingResult(ok, directory, best, last, metrics, run_id, tracking_uri, error, stopped)
     print_summary(outcome)
     return outcome
 
@@ -284,7 +292,13 @@ def _best_checkpoint(result, monitor: str, mode: str) -> str | None:
 
 
 def print_summary(result: TrainingResult) -> None:
-    lines = ["", "=" * 80, "training " + ("finished" if result.ok else f"FAILED: {result.error}")]
+    if result.ok:
+        status = "finished"
+    elif result.stopped:
+        status = "stopped before max_steps (its sweep stopped the trial); the same command resumes it"
+    else:
+        status = f"FAILED: {result.error}"
+    lines = ["", "=" * 80, f"training {status}"]
     lines.append(f"run dir:          {result.run_dir}")
     if result.last_checkpoint:
         lines.append(f"last checkpoint:  {result.last_checkpoint}")

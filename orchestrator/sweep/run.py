@@ -148,6 +148,7 @@ class SweepTrial(tune.Trainable):
         self.thread: threading.Thread | None = None
         self.queue = None
         self.controller = None  # the Train controller's handle, once it reported
+        self.stop_requested = threading.Event()  # set before Tune's stop aborts the Train run
         self.outcome: dict[str, Any] = {}
         self.last_metrics: dict[str, float] | None = None
         self.last_checkpoint: str | None = None
@@ -196,6 +197,7 @@ class SweepTrial(tune.Trainable):
         """Tune stopped the trial (scheduler, time budget, Ctrl-C) while it trained: abort the Train run."""
         if self.thread is None or not self.thread.is_alive():
             return
+        self.stop_requested.set()
         if self.controller is not None:
             # The controller exits inside abort, so the call ends with an actor error: expected.
             with contextlib.suppress(Exception):
@@ -231,6 +233,7 @@ class SweepTrial(tune.Trainable):
                     parent_run_id=context.parent_run_id,
                     extra_tags=tags,
                     callbacks=callbacks,
+                    stop_requested=self.stop_requested,
                 )
             except BaseException as exc:  # raised from step(), in Tune's thread
                 self.outcome["error"] = exc
