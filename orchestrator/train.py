@@ -269,7 +269,15 @@ def run_training(
                 "speechlm.last_checkpoint": last or "",
                 "speechlm.run_dir": directory,
             },
-            curve_keys=["loss", "val_loss", "val_wer", "val_txt_bleu", "val_asr_bleu"],
+            curve_keys=[
+                "loss",
+                "val_loss",
+                "val_wer",
+                "val_txt_bleu",
+                "val_text_loss",
+                "val_audio_loss",
+                "val_asr_bleu",
+            ],
         )
     outcome = TrainingResult(ok, directory, best, last, metrics, run_id, tracking_uri, error, stopped)
     print_summary(outcome)

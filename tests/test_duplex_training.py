@@ -52,6 +52,9 @@ def test_duplex_model_trains_on_two_workers_and_reports_asr_bleu(
             "text_loss",
             "audio_loss",
             "val_loss",
+            "val_text_loss",
+            "val_audio_loss",
+            "val_audio_acc",
             "val_txt_bleu",
             "val_asr_bleu",
             "val_asr_bleu_demo_val",
@@ -60,5 +63,8 @@ def test_duplex_model_trains_on_two_workers_and_reports_asr_bleu(
     assert all(history.values()), {k: len(v) for k, v in history.items()}
     assert [m.step for m in sorted(history["val_asr_bleu"], key=lambda m: m.step)] == [2, 4]
     # The total is the configured mix of its parts (both weights are 1 in the demo configs).
-    for total, text, audio in zip(history["loss"], history["text_loss"], history["audio_loss"], strict=True):
-        assert total.value == pytest.approx(text.value + audio.value, rel=1e-4)
+    for parts in ("", "val_"):
+        for total, text, audio in zip(
+            *(history[f"{parts}{key}"] for key in ("loss", "text_loss", "audio_loss")), strict=True
+        ):
+            assert total.value == pytest.approx(text.value + audio.value, rel=1e-4)

@@ -98,6 +98,17 @@ def test_metric_and_mode_are_checked_against_the_model():
     assert sweep_from_dict(spec(metric="val_acc_demo_val", mode="max")).spec.metric == "val_acc_demo_val"
 
 
+def test_duplex_specs_may_rank_by_the_unweighted_loss_parts():
+    duplex = dict(
+        base=str(DEMO_SALM.with_name("s2s_duplex.yaml")), search_space={"model.audio_loss_weight": {"grid": [1, 4]}}
+    )
+    assert sweep_from_dict(spec(**duplex, metric="val_text_loss")).spec.metric == "val_text_loss"
+    (problem,) = problems_of(spec(**duplex, metric="val_audio_loss", mode="max"))
+    assert "val_audio_loss is lower-is-better, use mode: min" in problem
+    (problem,) = problems_of(spec(metric="val_text_loss"))  # SALM has no text/audio split
+    assert "'val_text_loss' is not reported by a salm run" in problem
+
+
 def test_every_candidate_value_is_validated_against_the_base_config():
     data = spec(search_space={"model.lora.r": {"grid": [0, 8]}, "trainer.precision": {"choice": ["32", "fp8"]}})
     problems = problems_of(data)

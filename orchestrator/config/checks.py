@@ -54,8 +54,10 @@ def _check_trainer(cfg: ExperimentConfig, problems: list[str]) -> None:
 def produced_metrics(cfg: ExperimentConfig) -> list[str]:
     """The validation metrics a run of `cfg` reports (each also per set as `<metric>_<set name>`)."""
     model_type = cfg.model.resolved_model_type()
-    metrics = ["val_loss", "val_acc", "val_wer" if model_type == "salm" else "val_txt_bleu"]
-    if model_type != "salm" and cfg.model.scoring_asr:
+    if model_type == "salm":
+        return ["val_loss", "val_acc", "val_wer"]
+    metrics = ["val_loss", "val_acc", "val_txt_bleu", "val_text_loss", "val_audio_loss", "val_audio_acc"]
+    if cfg.model.scoring_asr:
         metrics.append("val_asr_bleu")
     return metrics
 

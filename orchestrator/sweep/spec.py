@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from orchestrator.config import ConfigError, ExperimentConfig, LoadedConfig, load_experiment
+from orchestrator.config.checks import produced_metrics
 from orchestrator.config.overrides import OverrideError, apply_overrides
 from orchestrator.config.validate import build, did_you_mean
 
@@ -118,7 +119,9 @@ class SweepSpec:
     base: str = ""  # required: the experiment config every trial starts from
     overrides: list[str] = field(default_factory=list)  # fixed overrides applied to every trial
     search_space: dict[str, ParamSpec] = field(default_factory=dict)
-    metric: str = "val_loss"  # a validation metric: val_loss, val_acc, val_wer (SALM), val_txt_bleu (duplex)
+    metric: str = (
+        "val_loss"  # a validation metric: val_loss, val_acc, val_wer (SALM), val_txt_bleu, val_text_loss ... (duplex)
+    )
     mode: Literal["min", "max"] = "min"
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     search_alg: SearchAlgSpec = field(default_factory=SearchAlgSpec)
@@ -541,16 +544,12 @@ def _check_candidates(base_path: str, fixed: list[str], params: list[SweptParam]
                 problems.extend(f"search_space.{param.key}: {label}: {p}" for p in exc.problems)
 
 
-LOWER_IS_BETTER = ("val_loss", "val_wer")
-HIGHER_IS_BETTER = ("val_acc", "val_txt_bleu", "val_asr_bleu")
+LOWER_IS_BETTER = ("val_loss", "val_wer", "val_text_loss", "val_audio_loss")
 
 
 def reported_metrics(cfg: ExperimentConfig) -> list[str]:
     """The validation metrics a run of `cfg` reports, overall and per validation set."""
-    salm = cfg.model.resolved_model_type() == "salm"
-    names = ["val_loss", "val_acc", "val_wer" if salm else "val_txt_bleu"]
-    if not salm and cfg.model.scoring_asr:
-        names.append("val_asr_bleu")  # the generated speech transcribed by model.scoring_asr
+    names = produced_metrics(cfg)
     sets = list(cfg.data.validation_ds.datasets) if cfg.data.validation_ds is not None else []
     return names + [f"{n}_{s}" for s in sets for n in names]
 
