@@ -96,7 +96,7 @@ def bare_step_times(demo: Path, steps: int, threads: int) -> list[float]:
 
     cfg = load_experiment(CONFIG, overrides(demo, Path(tempfile.mkdtemp()), steps, 10)).cfg
     collator = build_collator(cfg.model, cfg.data, cfg.data.train_ds)
-    train = build_datasets(cfg.data, collator, {})["train"]
+    train = build_datasets(cfg.data, collator, None)["train"]
     batches = []
     for batch, _ in iterate_batches(train):
         batches.append(batch)

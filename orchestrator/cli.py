@@ -89,7 +89,13 @@ def _add_command_groups(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may also follow a flag (`speechlm sweep SPEC --smoke num_samples=2`), which argparse alone
+    # rejects: whatever it leaves over is taken as more overrides when the command has them.
+    args, leftover = parser.parse_known_args(argv)
+    if leftover:
+        if not isinstance(getattr(args, "overrides", None), list) or any(a.startswith("-") for a in leftover):
+            parser.error(f"unrecognized arguments: {' '.join(leftover)}")
+        args.overrides.extend(leftover)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

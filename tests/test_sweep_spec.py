@@ -306,3 +306,16 @@ def test_pbt_refuses_keys_a_checkpoint_fixes():
         )
     )
     assert len(problems) == 1 and problems[0].startswith("search_space.model.lora.r: PBT copies checkpoints")
+
+
+def test_cli_takes_overrides_after_flags_and_names_the_bad_metric(capsys: pytest.CaptureFixture[str]):
+    from orchestrator.cli import main
+
+    path = str(ROOT / "sweeps" / "demo" / "s2s_loss_weights.yaml")
+    assert main(["sweep", path, "--validate", "metric=val_text_los"]) == 2
+    err = capsys.readouterr().err
+    assert "metric: 'val_text_los' is not reported by a duplex_s2s run" in err
+    assert "Did you mean 'val_text_loss'?" in err
+    assert main(["sweep", path, "--validate", "num_samples=2"]) == 0
+    with pytest.raises(SystemExit):
+        main(["sweep", path, "--validate", "--no-such-flag"])

@@ -276,7 +276,7 @@ def comparison_png(records: list[TrialRecord], loaded: LoadedSweep, out_file: Pa
             labels = [str(o) for o in param.options]
             xs = [labels.index(str(v)) if str(v) in labels else -1 for v, _, _ in points]
             ax.set_xticks(range(len(labels)))
-            ax.set_xticklabels(labels, rotation=20)
+            ax.set_xticklabels(labels, rotation=20 if max(map(len, labels)) > 6 else 0)  # tilt only long names
         else:
             xs = [float(v) for v, _, _ in points]
             if param.kind == "loguniform":
