@@ -135,14 +135,14 @@ def decide_resume(cfg: ExperimentConfig, directory: str) -> str | None:
 # -------------------------------------------------------------------------------------------------- run
 
 
-def connect_ray() -> None:
-    """Join RAY_ADDRESS (e.g. under `ray job submit`) or start a local Ray instance."""
+def connect_ray(runtime_env: dict[str, Any] | None = None) -> None:
+    """Join RAY_ADDRESS (e.g. under `ray job submit`) or start a local Ray instance; a no-op when connected."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, runtime_env=runtime_env)
 
 
 def run_training(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator import tracking
+from orchestrator import storage, tracking
 from orchestrator.config import load_experiment, to_yaml
 from orchestrator.progress import format_duration
 from orchestrator.sweep.spec import LoadedSweep
@@ -104,11 +104,9 @@ def _finite(value: Any) -> bool:
 def _read_error(tune_path: str, trial) -> str | None:
     """The trial's error.txt in the experiment dir (trial dirs are named by trial id). Not `trial.error_file`:
     after a --resume that points into the previous driver's Ray session dir, which is gone."""
-    from orchestrator import storage
-
     try:
         return storage.read_text(f"{tune_path.rstrip('/')}/{trial.trial_id}/error.txt").strip()
-    except (OSError, FileNotFoundError):
+    except OSError:  # no error.txt (FileNotFoundError) or an unreadable one
         return None
 
 

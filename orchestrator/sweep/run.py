@@ -361,9 +361,9 @@ def mark_trial_runs(context: SweepContext, trial_id: str, status: str, error: st
 
 
 def settle_stopped_trial(context: SweepContext, trial_id: str) -> None:
-    """After a stopped trial's Train run was aborted (which closes its MLflow run as FAILED): FINISHED when
-    the scheduler stopped it (the driver tagged it early_stopped first), KILLED when the sweep was
-    interrupted (--resume continues the run)."""
+    """After a stopped trial's Train run was aborted (`run_training` closes its MLflow run as KILLED):
+    FINISHED when the scheduler stopped it (the driver tagged it early_stopped first), else it stays KILLED
+    (the sweep was interrupted; --resume continues the run)."""
     try:
         client = tracking._client(context.tracking_uri)
         for run in child_runs(context.tracking_uri, context.experiment_name, context.parent_run_id, trial_id):
@@ -484,29 +484,17 @@ def check_resume(loaded: LoadedSweep, resume: bool) -> None:
             )
 
 
-def connect_ray_for_sweep() -> None:
-    """`orchestrator.train.connect_ray`, plus a worker setup hook that imports torch in every worker first
-    (see `orchestrator.sweep.worker_setup`: stopped trials must not leave broken workers behind)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(
-        address=os.environ.get("RAY_ADDRESS"),
-        log_to_driver=True,
-        runtime_env={"worker_process_setup_hook": "orchestrator.sweep.worker_setup.preload"},
-    )
-
-
 def run_sweep(loaded: LoadedSweep, resume: bool = False, retry_failed: bool = False) -> SweepOutcome:
     """Run (or resume) the sweep to its end; write the results table, best config and plot; track in MLflow."""
     from orchestrator.sweep import report
+    from orchestrator.train import connect_ray
 
     check_resume(loaded, resume)
     # Trials must see the launch directory (relative data paths), and Train workers the same.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    connect_ray_for_sweep()
+    # Every worker imports torch before its first task (see orchestrator.sweep.worker_setup: stopped trials
+    # must not leave broken workers behind).
+    connect_ray(runtime_env={"worker_process_setup_hook": "orchestrator.sweep.worker_setup.preload"})
     print(search_space.describe(loaded), flush=True)
     concurrency, why = plan_concurrency(loaded, ray.cluster_resources())
     print(f"max_concurrent_trials: {concurrency} ({why})", flush=True)
