@@ -52,6 +52,17 @@ def experiment(model_cfg, shar: Path, run_dir: Path) -> ExperimentConfig:
     return experiment_from_dict(data).cfg
 
 
+def model_with_nonzero_lora(cfg: ExperimentConfig):
+    """The model of `cfg` with random LoRA B matrices: peft starts them at zero, and merging zeros changes nothing."""
+    torch.manual_seed(cfg.trainer.seed)
+    model = build_model(cfg.model, cfg.data)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    return model
+
+
 @pytest.fixture(scope="module")
 def lora_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny SALM with LoRA whose adapters are non-zero (so merging changes the weights), as a checkpoint."""
@@ -60,12 +71,7 @@ def lora_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
     shar = write_synthetic_shar(root / "shar", n_cuts=2, n_shards=1)
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     cfg = experiment(tiny_salm_config(llm, lora=lora), shar, root / "run")
-    torch.manual_seed(cfg.trainer.seed)
-    model = build_model(cfg.model, cfg.data)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.2)
+    model = model_with_nonzero_lora(cfg)
     ckpt = write_checkpoint(root / "run" / "step=0000002", model, cfg, step=2, metrics={"val_loss": 1.0})
     return ckpt, llm
 
@@ -136,12 +142,7 @@ def test_duplex_speech_decoder_export_round_trip_and_lora_merge(tmp_path):
     shar = write_synthetic_shar(tmp_path / "shar", n_cuts=2, n_shards=1, with_target_audio=True)
     lora = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     cfg = experiment(tiny_duplex_model_config(llm, codec, speech_decoder=True, lora=lora), shar, tmp_path / "run")
-    torch.manual_seed(cfg.trainer.seed)
-    model = build_model(cfg.model, cfg.data)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.2)
+    model = model_with_nonzero_lora(cfg)
     ckpt = write_checkpoint(tmp_path / "run" / "step=0000001", model, cfg, step=1)
     plain = export_model(str(ckpt), tmp_path / "plain")
     merged = export_model(str(ckpt), tmp_path / "merged", merge_lora=True, atol=1e-5, rtol=1e-5)
