@@ -1,12 +1,16 @@
 """Orchestration overhead of `speechlm train`, measured side by side in one run:
 
-(b) median optimizer-step time inside a Ray Train worker (1 worker, data streamed by Ray Data, metrics to
-    MLflow) vs the same model, optimizer and batches in a bare single-process PyTorch loop with the same
-    thread count, fed by the same Ray Data stream (the target) and from preloaded batches (for reference);
+(b) median optimizer-step time of the demo SALM inside a Ray Train worker (the real `run_training`: Train
+    controller and worker, Ray Data iterator, progress lines, MLflow metrics) vs the same model, optimizer and
+    batches in a bare single-process PyTorch loop with the same thread count. Both take the same batches, made
+    by the real pipeline and held in Ray's object store before timing, so the ratio is what Ray Train adds and
+    not what decoding audio next to training costs; that cost is the second figure: the worker on the live Shar
+    stream (audio decoded in Ray Data tasks while it trains) against the bare loop.
 (d) seconds from invoking `python -m orchestrator train` to its first optimizer step (first progress line).
 
-    python bench/train_overhead.py            # demo SALM config on data/demo (made if missing, 0.1 h)
-    python bench/train_overhead.py --steps 80
+    python bench/train_overhead.py                # demo SALM config on data/demo (made if missing, 0.1 h)
+    python bench/train_overhead.py --steps 60 --repeats 3
+    python bench/train_overhead.py --inprocess-stream 150   # also: a bare loop running Ray Data in-process
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -65,16 +70,47 @@ def time_to_first_step(demo: Path, tmp: Path) -> float:
     return first
 
 
-def ray_step_times(demo: Path, tmp: Path, steps: int) -> tuple[list[float], int]:
-    """Per-step wall times (ms) reported by the Ray Train worker, warm-up interval dropped; and its threads."""
+def preload_train_rows(demo: Path, steps: int):
+    """The first batches of the real training pipeline, materialized in Ray's object store (one row per batch,
+    as the pipeline emits them), so both loops below take exactly the same batches with no decoding left."""
+    from orchestrator.config import load_experiment
+    from orchestrator.data.pipeline import build_datasets, iterate_batches
+    from speech_models.registry import build_collator
+
+    cfg = load_experiment(CONFIG, overrides(demo, Path(tempfile.mkdtemp()), steps, 10)).cfg
+    collator = build_collator(cfg.model, cfg.data, cfg.data.train_ds)
+    # Rows include counter-only marker rows; twice the step count leaves enough real batches.
+    rows = build_datasets(cfg.data, collator, None)["train"].limit(2 * steps).materialize()
+    batches = sum(1 for _ in iterate_batches(rows))
+    if batches < steps:
+        raise RuntimeError(f"the demo data gave {batches} batches, fewer than --steps {steps}")
+    return rows
+
+
+def ray_step_times(demo: Path, tmp: Path, steps: int, train_rows=None) -> tuple[list[float], int]:
+    """Per-step wall times (ms) reported by the Ray Train worker, warm-up interval dropped; and its threads.
+
+    train_rows: a materialized dataset that replaces the live Shar stream as the run's "train" dataset (the
+    rest of `run_training` is unchanged); None trains on the live stream, decoding audio as it goes.
+    """
     from mlflow import MlflowClient
 
     from orchestrator.config import load_experiment
+    from orchestrator.data import pipeline
     from orchestrator.train import plan_resources, run_training
 
-    run_dir = tmp / "ray"
+    def with_preloaded_train(*args, **kwargs):
+        datasets = build_datasets(*args, **kwargs)
+        datasets[pipeline.TRAIN] = train_rows
+        return datasets
+
+    build_datasets = pipeline.build_datasets
+    run_dir = tmp / ("ray_preloaded" if train_rows is not None else "ray_stream")
     cfg = load_experiment(CONFIG, overrides(demo, run_dir, steps, 10)).cfg
-    result = run_training(cfg)
+    with mock.patch.object(
+        pipeline, "build_datasets", with_preloaded_train if train_rows is not None else build_datasets
+    ):
+        result = run_training(cfg)
     if not result.ok:
         raise RuntimeError(result.error)
     import ray
@@ -84,13 +120,12 @@ def ray_step_times(demo: Path, tmp: Path, steps: int) -> tuple[list[float], int]
     return [m.value for m in sorted(history, key=lambda m: m.step)][1:], threads
 
 
-def bare_step_times(demo: Path, steps: int, threads: int, streaming: bool) -> list[float]:
+def bare_step_times(demo: Path, steps: int, threads: int, train_rows=None) -> list[float]:
     """The same model and batches in a plain PyTorch loop, 10-step interval means with the first dropped.
 
-    streaming=False: batches from the same pipeline, preloaded before timing (the pure compute loop).
-    streaming=True: batches pulled from the same Ray Data pipeline inside the timed loop, as the worker does:
-    the difference to the preloaded loop is what decoding audio next to training costs on this machine,
-    the difference to the Ray Train worker is what Ray Train itself adds.
+    train_rows: the materialized rows the worker got, fetched into this process before timing; each step still
+    unpickles its batch from its row as the worker does. None: a Ray Data stream executed inside this process
+    (`--inprocess-stream`); see bench/README.md for why that is no baseline for long runs.
     """
     import torch
 
@@ -101,11 +136,11 @@ def bare_step_times(demo: Path, steps: int, threads: int, streaming: bool) -> li
     from speech_models.registry import build_collator, build_model
 
     cfg = load_experiment(CONFIG, overrides(demo, Path(tempfile.mkdtemp()), steps, 10)).cfg
-    collator = build_collator(cfg.model, cfg.data, cfg.data.train_ds)
-    stream = (batch for batch, _ in iterate_batches(build_datasets(cfg.data, collator, None)["train"]))
-    batches = stream if streaming else [next(stream) for _ in range(steps)]
-    if not streaming:
-        stream.close()  # stop the Ray Data executor: it would keep decoding the rest of the epoch during timing
+    if train_rows is not None:
+        source = list(train_rows.iter_batches(batch_size=None, batch_format="pyarrow"))
+    else:
+        source = build_datasets(cfg.data, build_collator(cfg.model, cfg.data, cfg.data.train_ds), None)["train"]
+    batches = (batch for batch, _ in iterate_batches(source))
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.trainer.seed)
     keep_freed_memory_in_heap()  # the Ray worker does the same on CPU
@@ -114,16 +149,16 @@ def bare_step_times(demo: Path, steps: int, threads: int, streaming: bool) -> li
     optimizer = instantiate(cfg.model.optimizer, params)
     scheduler = instantiate(cfg.model.lr_scheduler, optimizer)
     times = []
-    batch_iter = iter(batches)
     for _ in range(steps):
         started = time.perf_counter()
-        batch = next(batch_iter)
+        batch = next(batches)
         model(to_device(batch, torch.device("cpu")))["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.trainer.gradient_clip_val)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(1000 * (time.perf_counter() - started))
+    batches.close()  # an in-process stream stops its executor here
     # Like the Ray side (its step_time_ms): means over 10-step intervals, the first (warm-up) interval dropped.
     return [statistics.fmean(times[i : i + 10]) for i in range(10, len(times) - 9, 10)]
 
@@ -131,35 +166,48 @@ def bare_step_times(demo: Path, steps: int, threads: int, streaming: bool) -> li
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--repeats", type=int, default=1, help="measure the three loops this many times in turn")
+    parser.add_argument("--repeats", type=int, default=1, help="measure the loops this many times in turn")
     parser.add_argument("--demo", type=Path, default=ROOT / "data" / "demo")
+    parser.add_argument(
+        "--inprocess-stream",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also time STEPS steps of a bare loop that runs the Ray Data stream in its own process",
+    )
     args = parser.parse_args()
     demo = ensure_demo(args.demo if (args.demo / "DONE.json").exists() else ROOT / "data" / "bench" / "demo")
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # as `speechlm train` does
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         first_step = time_to_first_step(demo, Path(tmp))
         for repeat in range(args.repeats):
-            ray_times, threads = ray_step_times(demo, Path(tmp) / str(repeat), args.steps)
-            streamed = bare_step_times(demo, args.steps, threads, streaming=True)
-            preloaded = bare_step_times(demo, args.steps, threads, streaming=False)
-            rows.append(tuple(statistics.median(t) for t in (ray_times, streamed, preloaded)))
+            train_rows = preload_train_rows(demo, args.steps)
+            worker, threads = ray_step_times(demo, Path(tmp) / str(repeat), args.steps, train_rows)
+            bare = bare_step_times(demo, args.steps, threads, train_rows)
+            live, _ = ray_step_times(demo, Path(tmp) / str(repeat), args.steps)
+            rows.append(tuple(statistics.median(t) for t in (worker, bare, live)))
+            del train_rows
+        inprocess = bare_step_times(demo, args.inprocess_stream, threads) if args.inprocess_stream else None
     print(f"demo SALM, 1 worker, {threads} thread(s), batch_duration 30 s, {args.steps} steps, {os.cpu_count()} CPUs")
     print("step time in ms (median of 10-step interval means, warm-up interval dropped; data wait included):")
-    print(
-        "  repeat | Ray Train worker | bare loop, same stream | bare loop, preloaded | (b) worker/stream | worker/preloaded"
-    )
-    for i, (ray_ms, streamed_ms, bare_ms) in enumerate(rows):
+    print("  repeat | Ray Train worker | bare loop | (b) worker/bare | worker, live Shar decoding | live/bare")
+    for i, (worker_ms, bare_ms, live_ms) in enumerate(rows):
         print(
-            f"  {i + 1:6d} | {ray_ms:16.0f} | {streamed_ms:22.0f} | {bare_ms:20.0f} | {ray_ms / streamed_ms:17.3f} | "
-            f"{ray_ms / bare_ms:.3f}"
+            f"  {i + 1:6d} | {worker_ms:16.0f} | {bare_ms:9.0f} | {worker_ms / bare_ms:15.3f} | "
+            f"{live_ms:26.0f} | {live_ms / bare_ms:.3f}"
         )
-    ratios = [r / s for r, s, _ in rows]
+    ratios = [w / b for w, b, _ in rows]
+    print(f"(b) Ray Train worker / bare loop, same batches: median {statistics.median(ratios):.3f} (target <= 1.05)")
     print(
-        f"(b) Ray Train worker / bare loop on the same stream: median {statistics.median(ratios):.3f} (target <= 1.05)"
+        f"    decoding audio next to training (live / bare): median {statistics.median(v / b for _, b, v in rows):.3f}"
     )
-    print(
-        f"    decoding next to training (stream / preloaded): median {statistics.median(s / b for _, s, b in rows):.3f}"
-    )
+    if inprocess is not None:
+        print(
+            "    bare loop running Ray Data in-process, 10-step means after the first:", [round(t) for t in inprocess]
+        )
     print(f"(d) `python -m orchestrator train` to first optimizer step: {first_step:.1f} s")
 
 
