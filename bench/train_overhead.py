@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -79,8 +80,7 @@ def preload_train_rows(demo: Path, steps: int):
 
     cfg = load_experiment(CONFIG, overrides(demo, Path(tempfile.mkdtemp()), steps, 10)).cfg
     collator = build_collator(cfg.model, cfg.data, cfg.data.train_ds)
-    # Rows include counter-only marker rows; twice the step count leaves enough real batches.
-    rows = build_datasets(cfg.data, collator, None)["train"].limit(2 * steps).materialize()
+    rows = build_datasets(cfg.data, collator, None)["train"].limit(steps).materialize()
     batches = sum(1 for _ in iterate_batches(rows))
     if batches < steps:
         raise RuntimeError(f"the demo data gave {batches} batches, fewer than --steps {steps}")
@@ -99,17 +99,19 @@ def ray_step_times(demo: Path, tmp: Path, steps: int, train_rows=None) -> tuple[
     from orchestrator.data import pipeline
     from orchestrator.train import plan_resources, run_training
 
-    def with_preloaded_train(*args, **kwargs):
-        datasets = build_datasets(*args, **kwargs)
-        datasets[pipeline.TRAIN] = train_rows
-        return datasets
-
     build_datasets = pipeline.build_datasets
-    run_dir = tmp / ("ray_preloaded" if train_rows is not None else "ray_stream")
+
+    def with_preloaded_train(*args, **kwargs):
+        return {**build_datasets(*args, **kwargs), pipeline.TRAIN: train_rows}
+
+    run_dir = tmp / ("ray_stream" if train_rows is None else "ray_preloaded")
     cfg = load_experiment(CONFIG, overrides(demo, run_dir, steps, 10)).cfg
-    with mock.patch.object(
-        pipeline, "build_datasets", with_preloaded_train if train_rows is not None else build_datasets
-    ):
+    swap = (
+        contextlib.nullcontext()
+        if train_rows is None
+        else mock.patch.object(pipeline, "build_datasets", with_preloaded_train)
+    )
+    with swap:
         result = run_training(cfg)
     if not result.ok:
         raise RuntimeError(result.error)
