@@ -71,19 +71,22 @@ def time_to_first_step(demo: Path, tmp: Path) -> float:
     return first
 
 
-def preload_train_rows(demo: Path, steps: int):
-    """The first batches of the real training pipeline, materialized in Ray's object store (one row per batch,
-    as the pipeline emits them), so both loops below take exactly the same batches with no decoding left."""
+def live_train_dataset(demo: Path, steps: int):
+    """The run's training stream as `run_training` builds it: Ray Data read tasks decoding the demo Shar."""
     from orchestrator.config import load_experiment
-    from orchestrator.data.pipeline import build_datasets, iterate_batches
+    from orchestrator.data.pipeline import TRAIN, build_datasets
     from speech_models.registry import build_collator
 
     cfg = load_experiment(CONFIG, overrides(demo, Path(tempfile.mkdtemp()), steps, 10)).cfg
-    collator = build_collator(cfg.model, cfg.data, cfg.data.train_ds)
-    rows = build_datasets(cfg.data, collator, None)["train"].limit(steps).materialize()
-    batches = sum(1 for _ in iterate_batches(rows))
-    if batches < steps:
-        raise RuntimeError(f"the demo data gave {batches} batches, fewer than --steps {steps}")
+    return build_datasets(cfg.data, build_collator(cfg.model, cfg.data, cfg.data.train_ds), None)[TRAIN]
+
+
+def preload_train_rows(demo: Path, steps: int):
+    """The first batches of the real training pipeline, materialized in Ray's object store (one row per batch,
+    as the pipeline emits them), so both loops below take exactly the same batches with no decoding left."""
+    rows = live_train_dataset(demo, steps).limit(steps).materialize()
+    if rows.count() < steps:  # the training stream has no marker rows: one row is one batch
+        raise RuntimeError(f"the demo data gave {rows.count()} batches, fewer than --steps {steps}")
     return rows
 
 
@@ -133,15 +136,15 @@ def bare_step_times(demo: Path, steps: int, threads: int, train_rows=None) -> li
 
     from orchestrator.config import load_experiment
     from orchestrator.config.targets import instantiate
-    from orchestrator.data.pipeline import build_datasets, iterate_batches
+    from orchestrator.data.pipeline import iterate_batches
     from orchestrator.worker_io import keep_freed_memory_in_heap, to_device
-    from speech_models.registry import build_collator, build_model
+    from speech_models.registry import build_model
 
     cfg = load_experiment(CONFIG, overrides(demo, Path(tempfile.mkdtemp()), steps, 10)).cfg
-    if train_rows is not None:
-        source = list(train_rows.iter_batches(batch_size=None, batch_format="pyarrow"))
+    if train_rows is None:
+        source = live_train_dataset(demo, steps)
     else:
-        source = build_datasets(cfg.data, build_collator(cfg.model, cfg.data, cfg.data.train_ds), None)["train"]
+        source = list(train_rows.iter_batches(batch_size=None, batch_format="pyarrow"))
     batches = (batch for batch, _ in iterate_batches(source))
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.trainer.seed)
