@@ -9,6 +9,7 @@ import json
 import shutil
 import tarfile
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -371,6 +372,71 @@ def test_strict_mode_error_reaches_the_training_worker(ray_session, tmp_path, as
     with pytest.raises(Exception, match=r"cuts\.000000\.jsonl\.gz"):
         for _ in iterate_batches(ds):
             pass
+
+
+# A package whose import can be held open: like torch/optim/__init__.py, its __init__ relies on the attribute
+# that importing a submodule sets on the package, so a re-import after an interrupted one raises NameError.
+SLOW_PACKAGE = {
+    "__init__.py": "from .collate import SlowCollator  # noqa: F401\nfrom .slow import done  # noqa: F401\n\ndel collate\n",
+    "collate.py": (
+        "from orchestrator.data.pipeline import pad_audio_collator\n\n\n"
+        "class SlowCollator:\n    def __call__(self, examples):\n        return pad_audio_collator(examples)\n"
+    ),
+    "slow.py": (
+        "import os\nimport time\nfrom pathlib import Path\n\n"
+        "gate = Path(os.environ.get('SLOWPKG_GATE', '/nonexistent'))\n"
+        "if (gate / 'armed').exists():\n"
+        "    (gate / 'armed').unlink()\n"
+        "    (gate / 'importing').touch()\n"
+        "    for _ in range(600):  # short sleeps: a cancellation is delivered between them\n"
+        "        time.sleep(0.1)\n"
+        "done = True\n"
+    ),
+}
+
+
+def test_a_read_task_cancelled_while_importing_does_not_break_its_worker_process(
+    ray_session, tmp_path, asr_dir, monkeypatch
+):
+    """Ray Data cancels in-flight read tasks when a stream shuts down (a Train worker group restart). A task
+    cancelled while unpickling its plan leaves its process unable to import the collator's package; the
+    next read task that Ray runs in that process must still deliver its batches."""
+    import ray
+
+    from orchestrator.data import pipeline
+
+    package = tmp_path / "slowpkg"
+    package.mkdir()
+    for name, text in SLOW_PACKAGE.items():
+        (package / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import slowpkg
+
+    cfg = data_cfg(asr_dir)
+    plan_ref = ray.put(plan_dataset(TRAIN, cfg.train_ds, cfg, slowpkg.SlowCollator(), epochs=1))
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    # Its own runtime env: these tasks get a worker pool of their own, so the second reuses the first's process.
+    env = {"env_vars": {"PYTHONPATH": str(tmp_path), "SLOWPKG_GATE": str(gate)}}
+
+    @ray.remote(num_cpus=0.5, max_retries=3, runtime_env=env)  # Ray Data retries read tasks too
+    def rows_of_first_read_task(box):
+        return sum(table.num_rows for table in pipeline._read_task_entry(box[0], 0))
+
+    (gate / "armed").touch()
+    cancelled = rows_of_first_read_task.remote([plan_ref])
+    deadline = time.time() + 120
+    while not (gate / "importing").exists():
+        assert time.time() < deadline, "the read task never started importing the collator's package"
+        time.sleep(0.1)
+    ray.cancel(cancelled)
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        ray.get(cancelled, timeout=60)
+
+    rows = ray.get(rows_of_first_read_task.remote([plan_ref]), timeout=180)
+    assert rows == sum(
+        1 for _ in run_read_task(plan_dataset(TRAIN, cfg.train_ds, cfg, pad_audio_collator, epochs=1), 0)
+    )
 
 
 @pytest.mark.integration

@@ -23,7 +23,8 @@ from orchestrator.data.synthetic import corrupt_shard
 from orchestrator.testing import tiny_training_overrides
 from orchestrator.train import run_training
 
-pytestmark = pytest.mark.integration
+# A hung run fails in minutes instead of holding the whole suite to the global 15-minute timeout.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "salm.yaml"
 
 

@@ -57,6 +57,7 @@ from ray.train import DataConfig
 from orchestrator import object_storage
 from orchestrator.data.bucketing import BatchingSpec, DurationBucketer, estimate_duration_bins
 from orchestrator.data.shards import Shard, discover_shards
+from orchestrator.data.torn_imports import retire_process_if_imports_are_torn
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -648,6 +649,9 @@ def run_read_task(plan: DatasetPlan, task_index: int) -> Iterator[pa.Table]:
 def _read_task_entry(plan_ref: Any, task_index: int) -> Iterator[pa.Table]:
     import ray
 
+    # Before anything else: a process poisoned by an earlier cancelled task would fail to unpickle the plan
+    # on every retry (see torn_imports.py).
+    retire_process_if_imports_are_torn(f"read task {task_index}")
     return run_read_task(ray.get(plan_ref), task_index)
 
 
