@@ -87,6 +87,10 @@ UNBOUNDED_EPOCHS = 1000
 # Ray Data puts every read task in the object store up front (about 1 ms each): a long stream is cut into at
 # most this many tasks, each covering more shards.
 MAX_READ_TASKS = 256
+# A group of read tasks spans at least this many work items, in whole epochs. Every group starts new tasks and
+# Ray Data adds a second concurrent task only about a second after the first, so one-epoch groups of a small
+# dataset (tasks of well under a second) left the stream slower than lhotse's own reader (bench/README.md).
+MIN_GROUP_ITEMS = 64
 
 
 class CorruptShardError(RuntimeError):
@@ -509,6 +513,11 @@ class _TaskState:
         self.next_unread = self.items.start if len(self.items) else self.group.end
         self.held: tuple[bytes, dict[str, Any]] | None = None
 
+    def waited_an_epoch(self, item: int) -> bool:
+        """Whether a buffered cut comes from an item at least an epoch before `item`."""
+        oldest = min((i for i, n in self.buffered_items.items() if n > 0), default=item)
+        return item - oldest >= self.plan.shards_per_epoch
+
     def low_water(self) -> int:
         """Every item below this one has been fully emitted by this task."""
         pending = [i for i, n in self.buffered_items.items() if n > 0]
@@ -594,6 +603,11 @@ def run_read_task(plan: DatasetPlan, task_index: int) -> Iterator[pa.Table]:
     state = _TaskState(plan, task_index)
     orders: dict[int, list[tuple[int, int]]] = {}
     for item in state.items:
+        if state.waited_an_epoch(item):
+            # A task spans several epochs; a bucket that rarely fills must not hold the resume position (the
+            # low-water mark) back by more than an epoch: emit the partial batches.
+            for batch in state.bucketer.flush():
+                yield from state.push(state.make_row(batch))
         epoch, pos = divmod(item, plan.shards_per_epoch)
         if epoch not in orders:
             orders = {epoch: plan.epoch_order(epoch)}
@@ -810,9 +824,12 @@ def plan_dataset(
         max_duration=dataset_cfg.max_duration,
         skip_corrupt=dataset_cfg.skip_corrupt,
         concurrency=concurrency,
-        # A group spans at least one epoch (each task's bucket buffer spans its share of it), more for long
-        # streams so that there are at most MAX_READ_TASKS tasks.
-        group_items=max(shards_per_epoch, math.ceil((end - start) / max(1, MAX_READ_TASKS // concurrency))),
+        # A group spans whole epochs (each task's bucket buffer spans its share of one), at least MIN_GROUP_ITEMS
+        # items, and more for long streams so that there are at most MAX_READ_TASKS tasks.
+        group_items=max(
+            shards_per_epoch * math.ceil(MIN_GROUP_ITEMS / max(1, shards_per_epoch)),
+            math.ceil((end - start) / max(1, MAX_READ_TASKS // concurrency)),
+        ),
         start_item=start,
         end_item=end,
         equal_split=equal_split,
