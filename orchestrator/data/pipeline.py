@@ -10,9 +10,11 @@ Work items: item `g` is shard `order(epoch)[g % S]` of epoch `g // S` (S shards 
 shuffled from the shard seed + epoch, so it is reproducible. The training dataset is one stream of items over
 `max_epochs` epochs (UNBOUNDED_EPOCHS when None: the loop stops at max_steps). Items are cut into groups of
 `num_workers` read tasks; inside a group, task k reads every num_workers-th item from the k-th, so the tasks
-of a group, which Ray Data runs side by side, read the items roughly in order. A task's bucket buffer spans
-all its shards (at least its share of an epoch). Validation datasets are one epoch, unshuffled: every cut is
-emitted exactly once.
+of a group, which Ray Data runs side by side, read the items roughly in order. A group spans whole epochs and
+at least MIN_GROUP_ITEMS items, so tasks are long-lived (starting a task costs Ray Data tens of milliseconds,
+a second concurrent one about a second). A task's bucket buffer spans all its shards, but cuts that have waited
+an epoch are flushed as partial batches, so the resume position never lags by more than an epoch. Validation
+datasets are one epoch, unshuffled: every cut is emitted exactly once.
 
 Rows: one pyarrow row per batch with two binary cells, the pickled collated batch and a small pickled meta
 dict (epoch, items, counters, audio seconds real vs padded, resume marks). One pickled cell instead of Arrow
