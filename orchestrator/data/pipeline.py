@@ -515,11 +515,6 @@ class _TaskState:
         self.next_unread = self.items.start if len(self.items) else self.group.end
         self.held: tuple[bytes, dict[str, Any]] | None = None
 
-    def waited_an_epoch(self, item: int) -> bool:
-        """Whether a buffered cut comes from an item at least an epoch before `item`."""
-        oldest = min((i for i, n in self.buffered_items.items() if n > 0), default=item)
-        return item - oldest >= self.plan.shards_per_epoch
-
     def low_water(self) -> int:
         """Every item below this one has been fully emitted by this task."""
         pending = [i for i, n in self.buffered_items.items() if n > 0]
@@ -605,9 +600,10 @@ def run_read_task(plan: DatasetPlan, task_index: int) -> Iterator[pa.Table]:
     state = _TaskState(plan, task_index)
     orders: dict[int, list[tuple[int, int]]] = {}
     for item in state.items:
-        if state.waited_an_epoch(item):
+        if item - state.low_water() >= plan.shards_per_epoch:
             # A task spans several epochs; a bucket that rarely fills must not hold the resume position (the
-            # low-water mark) back by more than an epoch: emit the partial batches.
+            # low-water mark, here the oldest item with a cut still in a bucket) back by more than an epoch:
+            # emit the partial batches.
             for batch in state.bucketer.flush():
                 yield from state.push(state.make_row(batch))
         epoch, pos = divmod(item, plan.shards_per_epoch)
