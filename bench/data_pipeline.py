@@ -1,6 +1,6 @@
 """Data pipeline throughput and padding, measured side by side in one run.
 
-(a) ours: `orchestrator.data.pipeline` (Ray Data read tasks: read shard, bucket, decode, pad) iterated to the
+(a) ours: `orchestrator.data` (Ray Data read tasks: read shard, bucket, decode, pad) iterated to the
     end of `--epochs` epochs on the driver.
 (b) lhotse: `CutSet.from_shar` + `DynamicBucketingSampler` + a torch DataLoader over `IterableDatasetWrapper`
     whose dataset loads and pads the audio, with as many worker processes as CPUs (lhotse's recommended
@@ -36,7 +36,7 @@ from orchestrator.data.bucketing import BatchingSpec, DurationBucketer, padding_
 def demo_shards(cache: Path, hours: float) -> Path | None:
     """The demo generator's ASR train split, if that module is available and works here."""
     try:
-        from orchestrator.data.demo import make_demo_assets
+        from orchestrator.demo.assets import make_demo_assets
     except ImportError:
         return None
     out = cache / f"demo-{hours:g}h"
@@ -49,7 +49,7 @@ def demo_shards(cache: Path, hours: float) -> Path | None:
 
 
 def synthetic_shards(cache: Path, hours: float) -> Path:
-    from orchestrator.data.synthetic import write_synthetic_shar
+    from orchestrator.demo.synthetic_shar import write_synthetic_shar
 
     out = cache / f"synthetic-{hours:g}h"
     done = cache / f"synthetic-{hours:g}h.done"  # outside the Shar dir: lhotse's in_dir globs every file
@@ -63,7 +63,9 @@ def synthetic_shards(cache: Path, hours: float) -> Path:
 
 def run_ours(shar_dir: Path, batch_duration: float, num_buckets: int, num_workers: int, epochs: int = 1) -> dict:
     from orchestrator.config.schema import DataConfig, DatasetConfig
-    from orchestrator.data.pipeline import build_datasets, iterate_batches, pad_audio_collator
+    from orchestrator.data.datasets import build_datasets
+    from orchestrator.data.stream import iterate_batches
+    from orchestrator.testing import pad_audio_collator
 
     cfg = DataConfig(
         train_ds=DatasetConfig(
@@ -135,10 +137,11 @@ def run_lhotse(shar_dir: Path, batch_duration: float, num_buckets: int, num_work
 def padding_comparison(shar_dir: Path, batch_duration: float, num_buckets: int) -> tuple[float, float, float]:
     """(bucketed, fixed-size, mean batch size): padding fraction of the same shuffled cuts both ways."""
     from orchestrator.config.schema import DataConfig, DatasetConfig
-    from orchestrator.data.pipeline import _estimate_bins, _inputs_of, _read_manifest
+    from orchestrator.data.plan import _estimate_bins, _inputs_of
+    from orchestrator.data.shar import read_manifest
 
     inputs = _inputs_of(DatasetConfig(shar_path=str(shar_dir)), DataConfig())
-    durations = [float(c["duration"]) for s in inputs[0].shards for c in _read_manifest(s.cuts)]
+    durations = [float(c["duration"]) for s in inputs[0].shards for c in read_manifest(s.cuts)]
     random.Random(0).shuffle(durations)
     bins = tuple(_estimate_bins(inputs, num_buckets, 0.0, 1e9))
 

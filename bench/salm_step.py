@@ -42,7 +42,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from orchestrator.worker_io import keep_freed_memory_in_heap  # noqa: E402
+from orchestrator.training.worker_io import keep_freed_memory_in_heap  # noqa: E402
 
 BATCH, SECONDS, SAMPLE_RATE, ANSWER_TOKENS = 8, 4.0, 16000, 23  # + EOS = 24 target tokens
 

@@ -50,7 +50,7 @@ def overrides(demo: Path, run_dir: Path, steps: int, log_every: int) -> list[str
 
 def ensure_demo(path: Path) -> Path:
     if not (path / "DONE.json").exists():
-        from orchestrator.data.demo import make_demo_assets
+        from orchestrator.demo.assets import make_demo_assets
 
         make_demo_assets(path, hours=0.1, min_heldout_cuts=16, progress=False)
     return path
@@ -74,7 +74,8 @@ def time_to_first_step(demo: Path, tmp: Path) -> float:
 def live_train_dataset(demo: Path, steps: int):
     """The run's training stream as `run_training` builds it: Ray Data read tasks decoding the demo Shar."""
     from orchestrator.config import load_experiment
-    from orchestrator.data.pipeline import TRAIN, build_datasets
+    from orchestrator.data.datasets import build_datasets
+    from orchestrator.data.plan import TRAIN
     from speech_models.registry import build_collator
 
     cfg = load_experiment(CONFIG, overrides(demo, Path(tempfile.mkdtemp()), steps, 10)).cfg
@@ -99,20 +100,22 @@ def ray_step_times(demo: Path, tmp: Path, steps: int, train_rows=None) -> tuple[
     from mlflow import MlflowClient
 
     from orchestrator.config import load_experiment
-    from orchestrator.data import pipeline
-    from orchestrator.train import plan_resources, run_training
+    from orchestrator.data import datasets
+    from orchestrator.data.plan import TRAIN
+    from orchestrator.training.driver import run_training
+    from orchestrator.training.resources import plan_resources
 
-    build_datasets = pipeline.build_datasets
+    build_datasets = datasets.build_datasets
 
     def with_preloaded_train(*args, **kwargs):
-        return {**build_datasets(*args, **kwargs), pipeline.TRAIN: train_rows}
+        return {**build_datasets(*args, **kwargs), TRAIN: train_rows}
 
     run_dir = tmp / ("ray_stream" if train_rows is None else "ray_preloaded")
     cfg = load_experiment(CONFIG, overrides(demo, run_dir, steps, 10)).cfg
     swap = (
         contextlib.nullcontext()
         if train_rows is None
-        else mock.patch.object(pipeline, "build_datasets", with_preloaded_train)
+        else mock.patch.object(datasets, "build_datasets", with_preloaded_train)
     )
     with swap:
         result = run_training(cfg)
@@ -136,8 +139,8 @@ def bare_step_times(demo: Path, steps: int, threads: int, train_rows=None) -> li
 
     from orchestrator.config import load_experiment
     from orchestrator.config.targets import instantiate
-    from orchestrator.data.pipeline import iterate_batches
-    from orchestrator.worker_io import keep_freed_memory_in_heap, to_device
+    from orchestrator.data.stream import iterate_batches
+    from orchestrator.training.worker_io import keep_freed_memory_in_heap, to_device
     from speech_models.registry import build_model
 
     cfg = load_experiment(CONFIG, overrides(demo, Path(tempfile.mkdtemp()), steps, 10)).cfg

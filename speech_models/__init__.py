@@ -1,6 +1,8 @@
 """Speech-augmented LLMs in the style of NVIDIA NeMo speechlm2 (SALM, DuplexS2S), without NeMo.
 
-Modules: `config` (typed model schema), `registry` (config -> model / collator), `perception` (log-mel +
-FastConformer + adapter), `salm`, `duplex_s2s*`, `prompts`, `freezing`, `metrics`, `testing` (tiny offline
-builders). Nothing heavy is imported here: Ray Data tasks that only collate batches stay light.
+Modules: `registry` (one entry per model type: what the orchestrator needs from it), `config` (typed model
+schema) built by `typed_data`, `perception` (log-mel + FastConformer + adapter), `salm`, `duplex_s2s*`,
+`codec`, `prompts`, `freezing`, `audio` (resampling), `metrics` (WER/BLEU), `precision`, `pretrained`
+(self-contained exports), `testing` (tiny offline builders). Nothing heavy is imported here: Ray Data tasks
+that only collate batches stay light, and nothing here imports the orchestrator.
 """

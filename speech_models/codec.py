@@ -9,7 +9,7 @@ quantizer `q`). Mimi at 12.5 Hz gives `g = 1`; a 25 Hz codec gives `g = 2`; EnCo
 
 Audio given at another sample rate (e.g. agent audio at `data.target_sample_rate` = 22.05 kHz for a 24 kHz
 Mimi) is resampled to the codec's own rate before encoding, and decoded audio is resampled back, with the
-windowed-sinc resampler below (no torchaudio needed).
+windowed-sinc resampler of `speech_models.audio` (no torchaudio needed).
 
 The codec is frozen, kept in eval mode and in fp32 whatever dtype the surrounding model is cast to.
 """
@@ -18,47 +18,15 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from functools import lru_cache
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speech_models.audio import resample
+
 SUPPORTED_CODECS = ("mimi", "encodec", "dac")
-
-
-# ----------------------------------------------------------------------------------------------
-# Resampling (windowed sinc, same construction as torchaudio's default "sinc_interp_hann")
-# ----------------------------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=16)
-def _sinc_kernel(orig: int, new: int, width_zeros: int, rolloff: float) -> tuple[torch.Tensor, int]:
-    """Polyphase kernels (new, 1, taps) for reduced rates orig -> new, and the left padding they need."""
-    base_freq = min(orig, new) * rolloff
-    width = math.ceil(width_zeros * orig / base_freq)
-    idx = torch.arange(-width, width + orig, dtype=torch.float64)[None, None] / orig  # (1, 1, taps)
-    t = torch.arange(0, -new, -1, dtype=torch.float64)[:, None, None] / new + idx  # (new, 1, taps)
-    t = (t * base_freq).clamp(-width_zeros, width_zeros)
-    window = torch.cos(t * math.pi / width_zeros / 2) ** 2
-    t = t * math.pi
-    sinc = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / torch.where(t == 0, torch.ones_like(t), t))
-    return (sinc * window * (base_freq / orig)).to(torch.float32), width
-
-
-def resample(waveform: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
-    """Resample (B, T) float audio from `orig_sr` to `new_sr`; output has ceil(T * new_sr / orig_sr) samples."""
-    if orig_sr == new_sr:
-        return waveform
-    g = math.gcd(orig_sr, new_sr)
-    orig, new = orig_sr // g, new_sr // g
-    kernel, width = _sinc_kernel(orig, new, 6, 0.99)
-    B, T = waveform.shape
-    x = F.pad(waveform.float()[:, None], (width, width + orig))  # (B, 1, T + pads)
-    y = F.conv1d(x, kernel.to(waveform.device), stride=orig)  # (B, new, n_steps)
-    y = y.transpose(1, 2).reshape(B, -1)  # (B, n_steps * new)
-    return y[:, : math.ceil(new * T / orig)]
 
 
 def _fit_length(x: torch.Tensor, length: int) -> torch.Tensor:

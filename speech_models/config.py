@@ -16,7 +16,6 @@ SelfAttentionModel = Literal["rel_pos", "abs_pos", "rel_pos_local_attn"]
 Subsampling = Literal["dw_striding", "striding"]
 AttContextStyle = Literal["regular", "chunked_limited"]
 PromptFormat = Literal["llama2", "llama3", "qwen", "plain", "chat_template"]
-ModelType = Literal["auto", "salm", "duplex_s2s", "duplex_s2s_speech_decoder"]
 
 
 @dataclass
@@ -133,8 +132,9 @@ class ModelConfig:
     pretrained_audio_codec: str | None = None  # duplex models only
     scoring_asr: str | None = None  # duplex validation only (ASR-BLEU)
     pretrained_weights: bool = True  # False: architecture from the pretrained config, random init
-    # "auto": speech_decoder set -> duplex_s2s_speech_decoder; pretrained_audio_codec set -> duplex_s2s; else salm
-    model_type: ModelType = "auto"
+    # A registered model type (speech_models.registry), or "auto": speech_decoder set ->
+    # duplex_s2s_speech_decoder; pretrained_audio_codec set -> duplex_s2s; else salm
+    model_type: str = "auto"
     audio_locator_tag: str = "<|audioplaceholder|>"
     prompt_format: PromptFormat = "llama2"
     freeze_params: list[str] = field(default_factory=list)  # regexes over parameter names
@@ -159,3 +159,24 @@ class ModelConfig:
         if self.pretrained_audio_codec is not None:
             return "duplex_s2s"
         return "salm"
+
+
+@dataclass(frozen=True)
+class AudioFrames:
+    """The `data:` keys a model itself depends on (duplex models read them; SALM ignores them).
+
+    The orchestrator's `DataConfig` has the same keys, so either can be passed where a model takes `data_cfg`.
+    """
+
+    frame_length: float = 0.08
+    source_sample_rate: int = 16000
+    target_sample_rate: int = 22050
+
+
+@dataclass(frozen=True)
+class PromptDefaults:
+    """How a model was prompted in training; `speechlm infer` and exports use it unless told otherwise."""
+
+    context: str | None = None  # e.g. "Transcribe:" (SALM user turn: "<context> <audio tag>")
+    system_prompt: str | None = None
+    prompt_format: str | None = None  # None: model.prompt_format

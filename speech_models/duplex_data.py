@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from speech_models.config import PromptDefaults
+
 logger = logging.getLogger(__name__)
 
 _TIMESTAMP = re.compile(r"<\|\d+\|>")
@@ -147,6 +149,10 @@ class DuplexS2SCollator:
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_tokenizer": None}
+
+    def prompt_defaults(self) -> PromptDefaults:
+        """Duplex models take no text prompt: they listen."""
+        return PromptDefaults()
 
     @property
     def tokenizer(self) -> Any:

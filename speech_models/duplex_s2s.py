@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speech_models.codec import AudioCodec
-from speech_models.config import ModelConfig
+from speech_models.config import AudioFrames, ModelConfig
 from speech_models.duplex_data import DuplexS2SCollator, num_frames, text_channel_to_str, text_special_ids
 from speech_models.freezing import setup_trainable_params
 from speech_models.perception import build_perception
@@ -70,6 +70,15 @@ def _fit_frames(x: torch.Tensor, n: int, value: float | int = 0) -> torch.Tensor
     return torch.cat([x, pad], dim=1)
 
 
+def _pad_waveforms(audios: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Waveforms of different lengths -> zero-padded (B, T) float32 and lengths (B,)."""
+    lens = np.array([len(a) for a in audios], dtype=np.int64)
+    signal = np.zeros((len(audios), int(lens.max())), dtype=np.float32)  # (B, T)
+    for row, a in enumerate(audios):
+        signal[row, : len(a)] = a
+    return signal, lens
+
+
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
     """Temporarily switch `module` to eval mode (greedy decoding must not see dropout)."""
@@ -87,14 +96,11 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 class DuplexS2SModel(nn.Module):
-    """Duplex S2S model. `data_cfg` supplies frame_length and the sample rates (DataConfig defaults if None)."""
+    """Duplex S2S model. `data_cfg` supplies frame_length and the sample rates (AudioFrames defaults if None)."""
 
     def __init__(self, cfg: ModelConfig, data_cfg: Any | None = None) -> None:
         super().__init__()
-        if data_cfg is None:  # the `data:` schema owns these defaults; imported late to keep the layering
-            from orchestrator.config.schema import DataConfig
-
-            data_cfg = DataConfig()
+        data_cfg = data_cfg if data_cfg is not None else AudioFrames()
         if cfg.pretrained_audio_codec is None:
             raise ValueError(
                 "model.pretrained_audio_codec is required for duplex models: give a hub id or local directory of "
@@ -365,6 +371,34 @@ class DuplexS2SModel(nn.Module):
             audio, audio_lens = self.decode_codes(gen_codes, lens)
             result["audio"], result["audio_len"] = audio, audio_lens
         return result
+
+    @torch.no_grad()
+    def respond(self, audios: list[np.ndarray]) -> tuple[list[str], list[np.ndarray]]:
+        """The agent's text and speech (float32 at data.target_sample_rate) for each user waveform."""
+        signal, lens = _pad_waveforms(audios)
+        output = self.offline_inference(signal, lens, decode_audio=True)
+        waves = output["audio"].float().cpu().numpy()
+        return output["text"], [w[:n] for w, n in zip(waves, output["audio_len"].tolist(), strict=True)]
+
+    @torch.no_grad()
+    def probe_logits(self, audios: list[np.ndarray]) -> torch.Tensor:
+        """Text logits and the audio logits of every frame (fed PAD text and delay codes), flattened (export
+        checks)."""
+        signal, lens = _pad_waveforms(audios)
+        signal, lens = _as_tensor(signal, self.device), _as_tensor(lens, self.device)
+        n = num_frames(signal.shape[1], self.source_sample_rate, self.frame_length)
+        with eval_mode(self):
+            source, _ = self._encode_source(signal, lens, n)  # (B, n, H)
+            B = signal.shape[0]
+            prev_text = torch.full((B, n), self.text_pad_id, dtype=torch.long, device=self.device)
+            prev_codes = torch.full(
+                (B, n, self.num_codebooks), self.speech_delay_id, dtype=torch.long, device=self.device
+            )
+            hidden, _ = self._llm_hidden(self._frame_inputs(source, prev_text, prev_codes))  # (B, n, H)
+            mask = torch.ones(B, n, dtype=torch.bool, device=self.device)
+            text = self._lm_head(hidden)  # (B, n, V)
+            audio = self._audio_logits(hidden, prev_codes, mask)  # (B * n, K, V_audio)
+        return torch.cat([text.float().flatten(), audio.float().flatten()])
 
     def _new_llm_cache(self) -> Any:
         from transformers import DynamicCache

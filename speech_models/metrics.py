@@ -1,15 +1,15 @@
-"""Validation metrics: WER (jiwer) and BLEU (sacrebleu) per validation set and averaged, token accuracy.
+"""Corpus scores of generated text: WER (jiwer) and BLEU (sacrebleu).
 
 Texts are normalised before scoring (lowercase, punctuation removed, whitespace collapsed), so
-"Hello, world!" and "hello world" count as a match. Metric names: `wer_<name>`, `wer` (mean over sets),
-`txt_bleu_<name>`, `txt_bleu` (mean over sets), as NeMo speechlm2 logs them.
+"Hello, world!" and "hello world" count as a match. Which model reports which score, and under which name
+(`val_wer`, `val_txt_bleu`, as NeMo speechlm2 logs them), is in `speech_models.registry`.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 _SPACES = re.compile(r"\s+")
 
@@ -62,21 +62,3 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     hyps = [normalize_text(h) for h in hypotheses]
     refs = [normalize_text(r) for r in references]
     return float(sacrebleu.corpus_bleu(hyps, [refs]).score)
-
-
-def token_accuracy(num_correct: int | float, num_tokens: int | float) -> float:
-    """Next-token accuracy on target tokens (0 when there are none)."""
-    return float(num_correct) / float(num_tokens) if num_tokens else 0.0
-
-
-def text_metrics(per_dataset: Mapping[str, tuple[Sequence[str], Sequence[str]]]) -> dict[str, float]:
-    """{name: (hypotheses, references)} -> wer_<name>, txt_bleu_<name>, and their means `wer`, `txt_bleu`."""
-    metrics: dict[str, float] = {}
-    for name, (hyps, refs) in per_dataset.items():
-        metrics[f"wer_{name}"] = corpus_wer(hyps, refs)
-        metrics[f"txt_bleu_{name}"] = corpus_bleu(hyps, refs)
-    if per_dataset:
-        n = len(per_dataset)
-        metrics["wer"] = sum(metrics[f"wer_{name}"] for name in per_dataset) / n
-        metrics["txt_bleu"] = sum(metrics[f"txt_bleu_{name}"] for name in per_dataset) / n
-    return metrics

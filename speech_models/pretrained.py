@@ -23,16 +23,14 @@ import dataclasses
 import importlib
 import json
 import logging
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from speech_models.config import ModelConfig
+from speech_models.config import AudioFrames, ModelConfig, PromptDefaults
+from speech_models.typed_data import build
 
 logger = logging.getLogger(__name__)
 
@@ -45,24 +43,6 @@ CODEC_DIR = "audio_codec"
 _TIED_KEY = "speechlm.tied"  # safetensors metadata: {alias: saved name} for tensors that share storage
 
 
-@dataclass(frozen=True)
-class AudioFrames:
-    """The `data:` keys a model itself depends on (duplex models read them; SALM ignores them)."""
-
-    frame_length: float = 0.08
-    source_sample_rate: int = 16000
-    target_sample_rate: int = 22050
-
-
-@dataclass(frozen=True)
-class PromptDefaults:
-    """How the model was prompted in training; `speechlm infer` uses it unless told otherwise."""
-
-    context: str | None = None  # e.g. "Transcribe:" (SALM user turn: "<context> <audio tag>")
-    system_prompt: str | None = None
-    prompt_format: str | None = None  # None: model.prompt_format
-
-
 @dataclass
 class ExportedConfig:
     """Contents of `speechlm_config.yaml`."""
@@ -73,29 +53,6 @@ class ExportedConfig:
     perception_preemph: float | None = 0.97  # perception.PREEMPH; not a config key: from a pretrained ASR
     perception_encoder_use_bias: bool = True  # idem
     format_version: int = FORMAT_VERSION
-
-
-# ----------------------------------------------------------------------------------------------
-# Config (de)serialisation: plain dicts <-> the dataclasses above, no orchestrator import
-# ----------------------------------------------------------------------------------------------
-
-
-def _from_dict(tp: Any, value: Any, where: str) -> Any:
-    """Rebuild (nested, optional) dataclasses from plain data written by `dataclasses.asdict`."""
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(value, dict):
-        hints = typing.get_type_hints(tp)
-        unknown = sorted(set(value) - set(hints))
-        if unknown:
-            raise ValueError(
-                f"{where}: unknown keys {unknown} for {tp.__name__}; the directory was written by another "
-                "version of speech_models"
-            )
-        return tp(**{k: _from_dict(hints[k], v, f"{where}.{k}") for k, v in value.items()})
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and isinstance(value, dict):
-        for arg in typing.get_args(tp):
-            if isinstance(arg, type) and dataclasses.is_dataclass(arg):
-                return _from_dict(arg, value, where)
-    return value
 
 
 def read_exported_config(directory: str | Path) -> ExportedConfig:
@@ -112,7 +69,13 @@ def read_exported_config(directory: str | Path) -> ExportedConfig:
     data = yaml.safe_load(path.read_text())
     if data.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {data.get('format_version')} is not {FORMAT_VERSION}")
-    exported = _from_dict(ExportedConfig, data, str(path))
+    problems: list[str] = []
+    exported = build(ExportedConfig, data, "", problems)
+    if problems:
+        raise ValueError(
+            f"{path} does not match this version of speech_models ({'; '.join(problems)}); the directory was "
+            "written by another version or edited"
+        )
     model = exported.model
     exported.model = dataclasses.replace(
         model,
@@ -334,4 +297,5 @@ def from_pretrained(directory: str | Path, expected_class: type | None = None, d
         )
         apply_freeze_params(model, exported.model.freeze_params, exported.model.prevent_freeze_params)
     _load_weights(directory, model)
+    model.prompt_defaults = exported.prompt  # how `transcribe` prompts unless told otherwise
     return model.to(device).eval()

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speech_models.config import ModelConfig
+from speech_models.config import ModelConfig, PromptDefaults
 from speech_models.prompts import check_prompt_format, encode_dialog, stop_token_ids
 
 logger = logging.getLogger(__name__)
@@ -187,15 +187,33 @@ class SALMCollator:
     """examples (dicts with id, audio, text, ...) -> one SALM batch of numpy arrays and lists.
 
     Prompt: [system: system_prompt tag] user: "<context> <audio tag>" (or just the tag); assistant: text.
+    The context and system prompt come from the dataset's `input_cfg` tags (as in NeMo).
     """
 
     def __init__(self, model_cfg: ModelConfig, data_cfg: Any, dataset_cfg: Any):
+        context, system_prompt = _prompt_tags(dataset_cfg)
+        prompt_format = getattr(dataset_cfg, "prompt_format", None)
+        self._setup(model_cfg, PromptDefaults(context, system_prompt, prompt_format))
+
+    @classmethod
+    def for_prompt(cls, model_cfg: ModelConfig, prompt: PromptDefaults, tokenizer: Any = None) -> SALMCollator:
+        """A collator that prompts like `prompt` (inference: free-form prompts), optionally with a loaded tokenizer."""
+        collator = cls.__new__(cls)
+        collator._setup(model_cfg, prompt)
+        collator._tokenizer = tokenizer
+        return collator
+
+    def _setup(self, model_cfg: ModelConfig, prompt: PromptDefaults) -> None:
         self.pretrained_llm = model_cfg.pretrained_llm
         self.audio_locator_tag = model_cfg.audio_locator_tag
-        self.prompt_format = getattr(dataset_cfg, "prompt_format", None) or model_cfg.prompt_format
+        self.prompt_format = prompt.prompt_format or model_cfg.prompt_format
         check_prompt_format(self.prompt_format)
-        self.context, self.system_prompt = _prompt_tags(dataset_cfg)
+        self.context, self.system_prompt = prompt.context, prompt.system_prompt
         self._tokenizer: Any = None
+
+    def prompt_defaults(self) -> PromptDefaults:
+        """How this collator prompts the model: what inference repeats unless told otherwise."""
+        return PromptDefaults(self.context, self.system_prompt, self.prompt_format)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -249,12 +267,15 @@ class SALMCollator:
 class SALM(nn.Module):
     """Speech-augmented LLM (NeMo speechlm2 SALM) on a Hugging Face causal LM, without NeMo."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, data_cfg: Any = None):
+        """`data_cfg` is accepted for the registry's uniform signature; SALM needs no frame or sample rates."""
         super().__init__()
         from speech_models.freezing import setup_trainable_params
         from speech_models.perception import build_perception
 
         self.cfg = cfg
+        # How `transcribe` prompts by default; set from the training data by whoever loads a trained model.
+        self.prompt_defaults = PromptDefaults()
         self.tokenizer = load_tokenizer(cfg.pretrained_llm, cfg.audio_locator_tag)
         self.audio_locator_tag_id = int(self.tokenizer.convert_tokens_to_ids(cfg.audio_locator_tag))
         self.text_pad_id = text_pad_id(self.tokenizer)
@@ -405,6 +426,57 @@ class SALM(nn.Module):
         }
 
     # -- inference -----------------------------------------------------------------------------
+
+    def collator(self, prompt: PromptDefaults | None = None) -> SALMCollator:
+        """A collator with this model's tokenizer that prompts like `prompt` (default: `self.prompt_defaults`)."""
+        return SALMCollator.for_prompt(self.cfg, prompt or self.prompt_defaults, self.tokenizer)
+
+    @torch.no_grad()
+    def transcribe(
+        self,
+        audios: list[np.ndarray],
+        prompt: str | None = None,
+        system_prompt: str | None = None,
+        max_new_tokens: int | None = None,
+    ) -> list[str]:
+        """Generated text for each waveform (float32 at the perception's sample rate), greedy.
+
+        `prompt` goes before the audio in the user turn, as training's `context` tag did; None keeps the
+        prompt the model was trained with (`self.prompt_defaults`).
+        """
+        if not audios:
+            return []
+        defaults = self.prompt_defaults
+        chosen = PromptDefaults(
+            prompt if prompt is not None else defaults.context,
+            system_prompt if system_prompt is not None else defaults.system_prompt,
+            defaults.prompt_format,
+        )
+        batch = self.collator(chosen)([{"id": str(i), "audio": a, "text": ""} for i, a in enumerate(audios)])
+        _, texts = self.generate(
+            batch["prompt_ids"],
+            batch["audios"],
+            batch["audio_lens"],
+            max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+        )
+        return texts
+
+    @torch.no_grad()
+    def probe_logits(self, audios: list[np.ndarray]) -> torch.Tensor:
+        """LM logits over the spliced prompt + a fixed answer for each waveform, flattened (export checks)."""
+        texts = ["the quick brown fox", "hello", "speech", "models"]
+        batch = self.collator()(
+            [{"id": f"probe{i}", "audio": a, "text": texts[i % len(texts)]} for i, a in enumerate(audios)]
+        )
+        inputs = self.prepare_inputs(batch)
+        out = self._causal_lm()(
+            inputs_embeds=inputs["input_embeds"],
+            attention_mask=inputs["attention_mask"].long(),
+            position_ids=inputs["position_ids"],
+            use_cache=False,
+        )
+        keep = inputs["attention_mask"]  # (B, L): left padding has no defined logits to compare
+        return out.logits[keep].float().flatten()
 
     @torch.no_grad()
     def generate(

@@ -58,7 +58,7 @@ def tiny_demo(tmp_path_factory: pytest.TempPathFactory):
     Layout as `speechlm data demo`: llm/, asr/{train,val,test}/, s2s/{train,val,test}/. Shards of 20 cuts so
     multi-shard behaviour (shuffling, uneven splits, corruption) is exercised.
     """
-    from orchestrator.data.demo import make_demo_assets
+    from orchestrator.demo.assets import make_demo_assets
 
     out = tmp_path_factory.mktemp("tiny_demo")
     make_demo_assets(out, hours=0.04, s2s_hours=0.03, min_heldout_cuts=12, shard_size=20, progress=False)

@@ -14,15 +14,6 @@ from speech_models.testing import build_tiny_codec_dir, build_tiny_llm_dir
 FRAME = 0.08
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny ops run fastest on one intra-op thread, and much faster when other processes share the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     return tmp_path_factory.mktemp("codec")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from orchestrator.cli import main
+from orchestrator.cli.main import main
 from orchestrator.config import ConfigError, experiment_from_dict, load_experiment, to_yaml
 from orchestrator.config.overrides import OverrideError, apply_overrides
 from orchestrator.config.targets import resolve_target, target_problem

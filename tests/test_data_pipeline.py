@@ -17,23 +17,14 @@ import numpy as np
 import pytest
 
 from orchestrator.config.schema import DataConfig, DatasetConfig, InputConfig, ValidationConfig
-from orchestrator.data.pipeline import (
-    TRAIN,
-    BatchStream,
-    CorruptShardError,
-    DataPosition,
-    SplitDataConfig,
-    build_datasets,
-    iterate_batches,
-    merge_positions,
-    pad_audio_collator,
-    plan_dataset,
-    ray_data_config,
-    read_shard,
-    run_read_task,
-)
-from orchestrator.data.shards import SharLayoutError, discover_dir, discover_shards
-from orchestrator.data.synthetic import corrupt_shard, write_synthetic_shar
+from orchestrator.data.datasets import SplitDataConfig, build_datasets, ray_data_config
+from orchestrator.data.plan import TRAIN, plan_dataset
+from orchestrator.data.position import DataPosition, merge_positions
+from orchestrator.data.read_task import run_read_task
+from orchestrator.data.shar import CorruptShardError, SharLayoutError, discover_dir, discover_shards, read_shard
+from orchestrator.data.stream import BatchStream, iterate_batches
+from orchestrator.demo.synthetic_shar import corrupt_shard, write_synthetic_shar
+from orchestrator.testing import pad_audio_collator
 
 # Cycled per cut: 0.05 s is too short (min 0.1), 9.0 s too long (max 6.0); every 9th text is empty.
 DURATIONS = [1.0, 2.2, 0.05, 1.7, 3.1, 9.0, 2.5, 0.8]
@@ -359,9 +350,9 @@ def test_validation_runs_while_the_training_stream_holds_every_cpu(ray_session, 
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    import orchestrator.data.pipeline as pipeline
+    from orchestrator.data import plan
 
-    monkeypatch.setattr(pipeline, "MAX_READ_TASKS", 2)  # two training tasks that never finish in this test
+    monkeypatch.setattr(plan, "MAX_READ_TASKS", 2)  # two training tasks that never finish in this test
     cfg = data_cfg(asr_dir, num_workers=2)
     cfg.validation_ds = ValidationConfig(shar_path=str(asr_dir), batch_size=4, max_duration=6.0)
     datasets = build_datasets(cfg, pad_audio_collator, max_epochs=None)
@@ -401,7 +392,7 @@ def test_strict_mode_error_reaches_the_training_worker(ray_session, tmp_path, as
 SLOW_PACKAGE = {
     "__init__.py": "from .collate import SlowCollator  # noqa: F401\nfrom .slow import done  # noqa: F401\n\ndel collate\n",
     "collate.py": (
-        "from orchestrator.data.pipeline import pad_audio_collator\n\n\n"
+        "from orchestrator.testing import pad_audio_collator\n\n\n"
         "class SlowCollator:\n    def __call__(self, examples):\n        return pad_audio_collator(examples)\n"
     ),
     "slow.py": (
@@ -425,7 +416,7 @@ def test_a_read_task_cancelled_while_importing_does_not_break_its_worker_process
     next read task that Ray runs in that process must still deliver its batches."""
     import ray
 
-    from orchestrator.data import pipeline
+    from orchestrator.data import datasets
 
     package = tmp_path / "slowpkg"
     package.mkdir()
@@ -443,7 +434,7 @@ def test_a_read_task_cancelled_while_importing_does_not_break_its_worker_process
 
     @ray.remote(num_cpus=0.5, max_retries=3, runtime_env=env)  # Ray Data retries read tasks too
     def rows_of_first_read_task(box):
-        return sum(table.num_rows for table in pipeline._read_task_entry(box[0], 0))
+        return sum(table.num_rows for table in datasets._read_task_entry(box[0], 0))
 
     (gate / "armed").touch()
     cancelled = rows_of_first_read_task.remote([plan_ref])

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.data import grammar, synth
-from orchestrator.data.demo import AGENT_SAMPLE_RATE, USER_SAMPLE_RATE, make_demo_assets
+from orchestrator.demo import grammar, synth
+from orchestrator.demo.assets import AGENT_SAMPLE_RATE, USER_SAMPLE_RATE, make_demo_assets
 from speech_models.testing import DEFAULT_TINY_CORPUS, build_tiny_llm_dir
 
 REPO = Path(__file__).resolve().parents[1]

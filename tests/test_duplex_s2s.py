@@ -26,15 +26,6 @@ SAMPLES_PER_FRAME_OUT = 1764  # 0.08 s x 22050 Hz
 MODELS = {"duplex_s2s": DuplexS2SModel, "duplex_s2s_speech_decoder": DuplexS2SSpeechDecoderModel}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny ops run fastest on one intra-op thread, and much faster when other processes share the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("duplex")

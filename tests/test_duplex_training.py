@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 
 from orchestrator.config import load_experiment
 from orchestrator.testing import tiny_duplex_overrides, tiny_training_overrides
-from orchestrator.train import run_training
+from orchestrator.training.driver import run_training
 
 pytestmark = pytest.mark.integration
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"

@@ -9,16 +9,18 @@ import mlflow
 import pytest
 import torch
 
-from orchestrator import tracking
-from orchestrator.cli import main
+from orchestrator.cli.main import main
 from orchestrator.config import experiment_from_dict, to_dict
 from orchestrator.config.schema import ExperimentConfig
-from orchestrator.data.pipeline import iterate_batches, plan_dataset, run_read_task, validation_sets
-from orchestrator.data.synthetic import write_synthetic_shar
-from orchestrator.evaluate import evaluate
-from orchestrator.infer import write_checkpoint
-from orchestrator.runs import mlflow_experiment_name, mlflow_tracking_uri
-from orchestrator.scoring import ScoringASR
+from orchestrator.data.plan import plan_dataset, validation_sets
+from orchestrator.data.read_task import run_read_task
+from orchestrator.data.stream import iterate_batches
+from orchestrator.demo.synthetic_shar import write_synthetic_shar
+from orchestrator.inference.evaluate import evaluate
+from orchestrator.inference.scoring_asr import ScoringASR
+from orchestrator.testing import write_checkpoint
+from orchestrator.tracking import mlflow_runs
+from orchestrator.tracking.mlflow_runs import experiment_name_for, tracking_uri_for
 from speech_models.metrics import corpus_bleu, corpus_wer
 from speech_models.registry import build_collator, build_model
 from speech_models.testing import build_tiny_codec_dir, build_tiny_llm_dir, tiny_duplex_model_config, tiny_salm_config
@@ -84,8 +86,8 @@ def salm_run(tmp_path_factory):
     validated = validate_locally(model, cfg, "tiny_val")
     wer = corpus_wer([h for h, _ in validated.values()], [r for _, r in validated.values()])
     write_checkpoint(run_dir / "step=0000002", model, cfg, step=2, metrics={"val_wer_tiny_val": wer, "val_wer": wer})
-    uri = mlflow_tracking_uri(cfg.exp_manager, str(run_dir))
-    run_id = tracking.start_or_resume_run(uri, mlflow_experiment_name(cfg.exp_manager), str(run_dir), "tiny", {}, {})
+    uri = tracking_uri_for(cfg.exp_manager, str(run_dir))
+    run_id = mlflow_runs.start_or_resume_run(uri, experiment_name_for(cfg.exp_manager), str(run_dir), "tiny", {}, {})
     mlflow.MlflowClient(uri).set_terminated(run_id, "FINISHED")
     return run_dir, val, validated, wer, (uri, run_id)
 
@@ -125,7 +127,7 @@ def test_eval_cli_other_batching_and_exported_models(ray_session, salm_run, tmp_
     )
 
     # an exported model is evaluated the same way; logged to a new run in the given tracking store
-    from orchestrator.export import export_model
+    from orchestrator.inference.export import export_model
 
     exported = export_model(str(run_dir), tmp_path / "export").out_dir
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -177,7 +179,7 @@ def test_eval_of_a_real_training_run_reproduces_its_validation_wer(ray_session, 
     """Train 3 steps with the real driver (validation + checkpoint at step 3), then eval that checkpoint."""
     from orchestrator.config import load_experiment
     from orchestrator.testing import tiny_training_overrides
-    from orchestrator.train import run_training
+    from orchestrator.training.driver import run_training
 
     run_dir = tmp_path / "run"
     config = Path(__file__).resolve().parents[1] / "configs" / "demo" / "salm.yaml"

@@ -12,12 +12,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from orchestrator.cli import main
+from orchestrator.cli.main import main
 from orchestrator.config import experiment_from_dict, to_dict
 from orchestrator.config.schema import ExperimentConfig
-from orchestrator.data.synthetic import write_synthetic_shar
-from orchestrator.export import export_model, make_probe, probe_logits
-from orchestrator.infer import load_model, resolve_source, write_checkpoint
+from orchestrator.demo.synthetic_shar import write_synthetic_shar
+from orchestrator.inference.export import export_model, probe_audios
+from orchestrator.inference.sources import load_model, resolve_source
+from orchestrator.testing import write_checkpoint
 from speech_models.config import LoraConfig
 from speech_models.duplex_s2s import DuplexS2SModel
 from speech_models.duplex_s2s_speech_decoder import DuplexS2SSpeechDecoderModel
@@ -93,13 +94,14 @@ def test_export_loads_without_pretrained_sources_and_matches_the_checkpoint(tmp_
 
     source = resolve_source(str(ckpt))
     original, _ = load_model(source)
-    probe = make_probe(original, source)
-    prompts, audios, lens = probe["prompt_ids"], probe["audios"], probe["audio_lens"]
+    probe = probe_audios(original)
+    batch = original.collator()([{"id": str(i), "audio": a, "text": ""} for i, a in enumerate(probe)])
+    prompts, audios, lens = batch["prompt_ids"], batch["audios"], batch["audio_lens"]
     expected_ids, expected_texts = original.generate(prompts, audios, lens, max_new_tokens=6)
     with moved_away(llm):
         exported = SALM.from_pretrained(str(out))
         ids, texts = exported.generate(prompts, audios, lens, max_new_tokens=6)
-        assert torch.equal(probe_logits(exported, probe), probe_logits(original, probe))
+        assert torch.equal(exported.probe_logits(probe), original.probe_logits(probe))
     assert torch.equal(ids, expected_ids) and texts == expected_texts
     with pytest.raises(TypeError, match="holds a SALM, not a DuplexS2SModel"):
         DuplexS2SModel.from_pretrained(str(out))
@@ -117,10 +119,10 @@ def test_merge_lora_export_matches_unmerged_logits(tmp_path, lora_checkpoint):
 
     source = resolve_source(str(ckpt))
     unmerged, _ = load_model(source)
-    probe = make_probe(unmerged, source)
+    probe = probe_audios(unmerged)
     with moved_away(llm):
         merged = SALM.from_pretrained(str(out))
-    torch.testing.assert_close(probe_logits(merged, probe), probe_logits(unmerged, probe), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(merged.probe_logits(probe), unmerged.probe_logits(probe), atol=1e-4, rtol=1e-4)
 
 
 def test_export_cli_registers_the_model_in_mlflow(tmp_path, lora_checkpoint):
@@ -151,7 +153,7 @@ def test_duplex_speech_decoder_export_round_trip_and_lora_merge(tmp_path):
 
     source = resolve_source(str(ckpt))
     original, _ = load_model(source)
-    probe = make_probe(original, source)
+    probe = probe_audios(original)
     signal = np.random.default_rng(0).standard_normal((1, 8000)).astype(np.float32) * 0.1
     expected = original.offline_inference(signal, np.array([8000]))
     with moved_away(llm, codec):
@@ -159,9 +161,7 @@ def test_duplex_speech_decoder_export_round_trip_and_lora_merge(tmp_path):
         assert type(loaded) is DuplexS2SSpeechDecoderModel
         got = loaded.offline_inference(signal, np.array([8000]))
         merged_model = DuplexS2SSpeechDecoderModel.from_pretrained(merged.out_dir)
-        torch.testing.assert_close(
-            probe_logits(merged_model, probe), probe_logits(original, probe), atol=1e-4, rtol=1e-4
-        )
+        torch.testing.assert_close(merged_model.probe_logits(probe), original.probe_logits(probe), atol=1e-4, rtol=1e-4)
     for key in ("tokens_text", "tokens_audio", "audio"):
         assert torch.equal(got[key], expected[key]), key
     assert got["text"] == expected["text"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
 
 from speech_models.config import LoraConfig
 from speech_models.freezing import canonical_param_name, count_params
@@ -13,14 +12,6 @@ from speech_models.salm import SALM
 from speech_models.testing import LLM_SIZES, build_tiny_llm_dir, tiny_salm_config
 
 TINY = LLM_SIZES["tiny"]  # hidden 64, 2 layers, 4 heads, 2 kv heads, ffn 128
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

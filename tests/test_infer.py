@@ -10,11 +10,13 @@ import pytest
 import soundfile as sf
 import torch
 
-from orchestrator.cli import main
+from orchestrator.cli.main import main
 from orchestrator.config import experiment_from_dict, to_dict
 from orchestrator.config.schema import ExperimentConfig
-from orchestrator.data.synthetic import write_synthetic_shar
-from orchestrator.infer import infer, load_model, read_audio, resolve_source, write_checkpoint
+from orchestrator.demo.synthetic_shar import write_synthetic_shar
+from orchestrator.inference.infer import infer, read_audio
+from orchestrator.inference.sources import load_model, resolve_source
+from orchestrator.testing import write_checkpoint
 from speech_models.prompts import encode_dialog
 from speech_models.registry import build_model
 from speech_models.testing import build_tiny_codec_dir, build_tiny_llm_dir, tiny_duplex_model_config, tiny_salm_config

@@ -1,10 +1,13 @@
-"""WER / BLEU / accuracy with text normalisation, per validation set and averaged."""
+"""WER / BLEU / accuracy with text normalisation, per validation set and averaged, as each model's registry
+entry defines them."""
 
 from __future__ import annotations
 
 import pytest
 
-from speech_models.metrics import corpus_bleu, corpus_wer, normalize_text, text_metrics, token_accuracy
+from orchestrator.training.validation import SetTotals, average_over_sets, set_metrics
+from speech_models.metrics import corpus_bleu, corpus_wer, normalize_text
+from speech_models.registry import ACCURACY, MODELS
 
 
 def test_normalize_text():
@@ -32,20 +35,33 @@ def test_bleu():
     assert corpus_bleu([], []) == 0.0
 
 
+def _text_metrics(model_type: str, per_set: dict[str, tuple[list[str], list[str]]]) -> dict[str, float]:
+    """Validation metrics of `model_type` for sets of (hypotheses, references), counts all zero."""
+    entry = MODELS[model_type]
+    totals = {
+        name: SetTotals(dict.fromkeys(entry.count_names(), 0.0), list(hyps), list(refs))
+        for name, (hyps, refs) in per_set.items()
+    }
+    return average_over_sets(set_metrics(entry, totals), entry, list(per_set))
+
+
 def test_text_metrics_per_dataset_and_mean():
-    metrics = text_metrics(
-        {
-            "clean": (["the cat sat on the mat"], ["The cat sat on the mat."]),
-            "noisy": (["the cat sat on the"], ["the cat sat on the mat"]),
-        }
-    )
-    assert metrics["wer_clean"] == 0.0 and metrics["wer_noisy"] == pytest.approx(1 / 6)
-    assert metrics["wer"] == pytest.approx(1 / 12)
-    assert metrics["txt_bleu_clean"] == pytest.approx(100.0)
-    assert metrics["txt_bleu"] == pytest.approx((metrics["txt_bleu_clean"] + metrics["txt_bleu_noisy"]) / 2)
-    assert set(metrics) == {"wer_clean", "wer_noisy", "wer", "txt_bleu_clean", "txt_bleu_noisy", "txt_bleu"}
-    assert text_metrics({}) == {}
+    sets = {
+        "clean": (["the cat sat on the mat"], ["The cat sat on the mat."]),
+        "noisy": (["the cat sat on the"], ["the cat sat on the mat"]),
+    }
+    salm = _text_metrics("salm", sets)
+    assert salm["val_wer_clean"] == 0.0 and salm["val_wer_noisy"] == pytest.approx(1 / 6)
+    assert salm["val_wer"] == pytest.approx(1 / 12)
+    assert set(salm) == {f"val_{m}{s}" for m in ("loss", "acc", "wer") for s in ("_clean", "_noisy", "")}
+    duplex = _text_metrics("duplex_s2s", sets)
+    assert duplex["val_txt_bleu_clean"] == pytest.approx(100.0)
+    assert duplex["val_txt_bleu"] == pytest.approx((duplex["val_txt_bleu_clean"] + duplex["val_txt_bleu_noisy"]) / 2)
+    assert _text_metrics("salm", {}) == {}
+    # a set without references (nothing to score) reports no text metric, and is left out of the mean
+    assert "val_wer_empty" not in _text_metrics("salm", {"empty": ([], []), **sets})
 
 
 def test_token_accuracy():
-    assert token_accuracy(3, 4) == 0.75 and token_accuracy(0, 0) == 0.0
+    assert ACCURACY.value({"num_correct": 3, "num_tokens": 4}, [], []) == 0.75
+    assert ACCURACY.value({"num_correct": 0, "num_tokens": 0}, [], []) == 0.0

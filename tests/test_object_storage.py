@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import object_storage, storage
 from orchestrator.config import load_experiment
+from orchestrator.storage import checkpoints, filesystems
 from orchestrator.testing import tiny_training_overrides
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "salm.yaml"
@@ -33,7 +33,7 @@ FAKE_ENV = {
 
 
 def test_custom_endpoint_becomes_explicit_fsspec_options() -> None:
-    options = object_storage.fsspec_options(FAKE_ENV)
+    options = filesystems.fsspec_options(FAKE_ENV)
     assert options["s3"] == {
         "endpoint_url": "http://127.0.0.1:9000",
         "client_kwargs": {"region_name": "eu-west-1"},
@@ -42,13 +42,13 @@ def test_custom_endpoint_becomes_explicit_fsspec_options() -> None:
     }
     # The service-specific variable wins, as in botocore.
     env = {**FAKE_ENV, "AWS_ENDPOINT_URL_S3": "http://minio:9000"}
-    assert object_storage.fsspec_options(env)["s3"]["endpoint_url"] == "http://minio:9000"
+    assert filesystems.fsspec_options(env)["s3"]["endpoint_url"] == "http://minio:9000"
     # Plain AWS: nothing spelled out, every process uses its own credential chain (instance profile, ...).
-    assert object_storage.fsspec_options({"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}) == {}
+    assert filesystems.fsspec_options({"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}) == {}
 
 
 def test_pyarrow_filesystem_survives_pickling_with_the_endpoint() -> None:
-    fs, inner = object_storage.pyarrow_filesystem("s3://bucket/runs/a/", FAKE_ENV)
+    fs, inner = filesystems.pyarrow_filesystem("s3://bucket/runs/a/", FAKE_ENV)
     assert inner == "bucket/runs/a"
     # What a Ray worker without the env receives:
     (kwargs,) = pickle.loads(pickle.dumps(fs)).__reduce__()[1]
@@ -58,10 +58,10 @@ def test_pyarrow_filesystem_survives_pickling_with_the_endpoint() -> None:
 
 
 def test_storage_filesystem_and_urls_round_trip() -> None:
-    assert object_storage.storage_filesystem("/data/runs") == (None, "/data/runs")
-    assert object_storage.to_url("bucket/run/step=0000003", "s3://bucket/run") == "s3://bucket/run/step=0000003"
-    assert object_storage.to_url("/local/run/step=1", "/local/run") == "/local/run/step=1"
-    assert object_storage.to_url(None, "s3://bucket/run") is None
+    assert filesystems.storage_filesystem("/data/runs") == (None, "/data/runs")
+    assert filesystems.to_url("bucket/run/step=0000003", "s3://bucket/run") == "s3://bucket/run/step=0000003"
+    assert filesystems.to_url("/local/run/step=1", "/local/run") == "/local/run/step=1"
+    assert filesystems.to_url(None, "s3://bucket/run") is None
 
 
 # ------------------------------------------------------------------------------------ S3 server tests
@@ -120,9 +120,8 @@ def upload_dir(local: Path, url: str) -> None:
 
 
 def test_shards_are_listed_and_read_from_s3(s3_bucket: str, tmp_path: Path) -> None:
-    from orchestrator.data.pipeline import read_shard
-    from orchestrator.data.shards import discover_dir
-    from orchestrator.data.synthetic import write_synthetic_shar
+    from orchestrator.data.shar import discover_dir, read_shard
+    from orchestrator.demo.synthetic_shar import write_synthetic_shar
 
     shar = write_synthetic_shar(tmp_path / "shar", n_cuts=6, n_shards=2, with_target_audio=True)
     upload_dir(shar, f"{s3_bucket}/s2s")
@@ -130,7 +129,7 @@ def test_shards_are_listed_and_read_from_s3(s3_bucket: str, tmp_path: Path) -> N
     assert [sorted(s.fields) for s in remote] == [["recording", "target_audio"]] * 2
     assert remote[1].cuts == f"{s3_bucket}/s2s/cuts.000001.jsonl.gz"
     # As a read task does it: endpoint and credentials passed in, not taken from the env.
-    options = object_storage.fsspec_options()
+    options = filesystems.fsspec_options()
     for here, there in zip(local, remote, strict=True):
         from_s3 = read_shard(there, storage_options=options)
         assert [(c.id, c.audio) for c in from_s3] == [(c.id, c.audio) for c in read_shard(here)]
@@ -145,10 +144,10 @@ def test_checkpoints_are_listed_on_s3(s3_bucket: str) -> None:
     for step in (30, 6):
         fs.pipe(f"{run}/step={step:07d}/state.json", b'{"step": %d}' % step)
     fs.pipe(f"{run}/step=0000040/model.safetensors", b"an upload cut short: no state.json")
-    assert storage.list_checkpoints(run) == [(6, f"{run}/step=0000006"), (30, f"{run}/step=0000030")]
-    assert storage.latest_checkpoint(run) == f"{run}/step=0000030"
-    assert storage.latest_checkpoint(f"{s3_bucket}/runs/none") is None
-    assert storage.exists(run) and not storage.exists(f"{s3_bucket}/runs/none")
+    assert checkpoints.list_checkpoints(run) == [(6, f"{run}/step=0000006"), (30, f"{run}/step=0000030")]
+    assert checkpoints.latest_checkpoint(run) == f"{run}/step=0000030"
+    assert checkpoints.latest_checkpoint(f"{s3_bucket}/runs/none") is None
+    assert filesystems.exists(run) and not filesystems.exists(f"{s3_bucket}/runs/none")
 
 
 @pytest.mark.integration
@@ -157,7 +156,7 @@ def test_train_reads_shar_and_checkpoints_on_s3_then_resumes(
 ) -> None:
     from mlflow import MlflowClient
 
-    from orchestrator.train import decide_resume, run_training
+    from orchestrator.training.driver import decide_resume, run_training
 
     for split in ("train", "val"):
         upload_dir(tiny_demo / "asr" / split, f"{s3_bucket}/demo/asr/{split}")
@@ -177,13 +176,13 @@ def test_train_reads_shar_and_checkpoints_on_s3_then_resumes(
     first = run_training(config(max_steps=3))
     assert first.ok, first.error
     assert first.last_checkpoint == f"{run_dir}/step=0000003"
-    assert [step for step, _ in storage.list_checkpoints(run_dir)] == [3]
+    assert [step for step, _ in checkpoints.list_checkpoints(run_dir)] == [3]
 
     second_cfg = config(max_steps=6)
     assert decide_resume(second_cfg, run_dir) == f"{run_dir}/step=0000003"
     second = run_training(second_cfg)
     assert second.ok, second.error
-    assert [step for step, _ in storage.list_checkpoints(run_dir)] == [3, 6]
+    assert [step for step, _ in checkpoints.list_checkpoints(run_dir)] == [3, 6]
     assert second.last_checkpoint == f"{run_dir}/step=0000006"
     assert second.metrics["step"] == 6
 

@@ -16,14 +16,6 @@ from speech_models.perception import AudioPerceptionModule, ConformerEncoder, bu
 from speech_models.testing import tiny_conformer_config, tiny_perception_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def audio_batch(lens, seed=0):
     gen = torch.Generator().manual_seed(seed)
     audio = torch.randn(len(lens), max(lens), generator=gen) * 0.1

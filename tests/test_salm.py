@@ -17,15 +17,6 @@ from speech_models.testing import build_tiny_llm_dir, tiny_salm_config
 PAD, PH = 0, 9
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: OpenMP fork/join costs more than it saves, and the CI box has 2 shared cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def llm_dir(tmp_path_factory):
     return build_tiny_llm_dir(tmp_path_factory.getbasetemp() / "tiny_llm")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.schedules import CosineAnnealing, InverseSquareRootAnnealing, WarmupAnnealing
+from orchestrator.training.schedules import CosineAnnealing, InverseSquareRootAnnealing, WarmupAnnealing
 
 
 def lrs(schedule_cls, steps: int, **kwargs) -> list[float]:

@@ -10,17 +10,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from orchestrator.cli_data import register as add_data_commands
-from orchestrator.data.demo import write_demo_split
-from orchestrator.data.shar_tools import (
-    convert_audio_dir_to_shar,
-    convert_manifest_to_shar,
-    find_shar_dirs,
-    inspect_shar,
-    list_shar_fields,
-    safe_cut_id,
-    write_shar,
-)
+from orchestrator.cli.data import register as add_data_commands
+from orchestrator.data.convert import convert_audio_dir_to_shar, convert_manifest_to_shar
+from orchestrator.data.inspect import inspect_shar
+from orchestrator.data.shar import field_lists, find_shar_dirs, safe_cut_id, write_shar
+from orchestrator.demo.assets import write_demo_split
 
 NUM_ASR, NUM_S2S, SHARD = 10, 6, 4  # 3 + 2 shards
 
@@ -112,7 +106,7 @@ def test_inspect_reads_fsspec_urls(shar_root: Path):
     assert find_shar_dirs("memory://bucket") == ["memory://bucket/s2s"]
     report = inspect_shar("memory://bucket/s2s")
     assert report.ok and report.num_cuts == NUM_S2S
-    fields = list_shar_fields("memory://bucket/s2s")
+    fields = field_lists("memory://bucket/s2s")
     assert fields["cuts"] == ["memory://bucket/s2s/cuts.000000.jsonl.gz", "memory://bucket/s2s/cuts.000001.jsonl.gz"]
     fs.rm("/bucket", recursive=True)
 

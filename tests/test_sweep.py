@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from orchestrator.config import load_experiment
-from orchestrator.data.demo import make_demo_assets
+from orchestrator.demo.assets import make_demo_assets
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(3000)]  # each trial starts Ray Train: minutes in all
 

@@ -309,7 +309,7 @@ def test_pbt_refuses_keys_a_checkpoint_fixes():
 
 
 def test_cli_takes_overrides_after_flags_and_names_the_bad_metric(capsys: pytest.CaptureFixture[str]):
-    from orchestrator.cli import main
+    from orchestrator.cli.main import main
 
     path = str(ROOT / "sweeps" / "demo" / "s2s_loss_weights.yaml")
     assert main(["sweep", path, "--validate", "metric=val_text_los"]) == 2

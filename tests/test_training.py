@@ -17,11 +17,11 @@ import pytest
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from orchestrator import storage
 from orchestrator.config import load_experiment
-from orchestrator.data.synthetic import corrupt_shard
+from orchestrator.demo.synthetic_shar import corrupt_shard
+from orchestrator.storage import checkpoints
 from orchestrator.testing import tiny_training_overrides
-from orchestrator.train import run_training
+from orchestrator.training.driver import run_training
 
 # A hung run fails in minutes instead of holding the whole suite to the global 15-minute timeout.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
@@ -49,7 +49,7 @@ def test_run_writes_metrics_params_and_artifacts_to_mlflow(ray_session, tiny_dem
     run_dir = tmp_path / "run"
     result = train(tiny_demo, run_dir, "trainer.devices=2")
     assert result.ok, result.error
-    assert [step for step, _ in storage.list_checkpoints(str(run_dir))] == [3, 6]
+    assert [step for step, _ in checkpoints.list_checkpoints(str(run_dir))] == [3, 6]
 
     client, run = mlflow_run(run_dir)
     assert run.info.status == "FINISHED"
@@ -88,7 +88,7 @@ def test_rerun_resumes_at_the_checkpointed_step(ray_session, tiny_demo: Path, tm
     assert second.ok, second.error
     client, run = mlflow_run(run_dir)  # still one MLflow run, continued
     assert steps_of(client, run.info.run_id, "loss") == list(range(1, 10)), "steps 1-6 must not be trained twice"
-    assert [step for step, _ in storage.list_checkpoints(str(run_dir))][-1] == 9
+    assert [step for step, _ in checkpoints.list_checkpoints(str(run_dir))][-1] == 9
 
 
 def test_resume_if_exists_false_refuses_to_overwrite(ray_session, tiny_demo: Path, tmp_path: Path) -> None:
@@ -116,7 +116,7 @@ def _train_worker_pids() -> list[int]:
 
 def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int]) -> None:
     deadline = time.time() + 300
-    while time.time() < deadline and not storage.list_checkpoints(str(run_dir)):
+    while time.time() < deadline and not checkpoints.list_checkpoints(str(run_dir)):
         time.sleep(0.2)
     for pid in _train_worker_pids()[-1:]:
         os.kill(pid, signal.SIGKILL)
@@ -134,7 +134,7 @@ def test_a_killed_worker_is_replaced_and_the_run_reaches_max_steps(
     killer.join(timeout=5)
     assert killed, "no worker was killed: the run finished before its first checkpoint was seen"
     assert result.ok, result.error
-    assert [step for step, _ in storage.list_checkpoints(str(run_dir))][-1] == 24
+    assert [step for step, _ in checkpoints.list_checkpoints(str(run_dir))][-1] == 24
     _, run = mlflow_run(run_dir)
     assert run.info.status == "FINISHED"
 
@@ -145,7 +145,7 @@ def test_uneven_shards_and_max_epochs_end_cleanly_on_every_rank(ray_session, tin
     run_dir = tmp_path / "run"
     result = train(tiny_demo, run_dir, "trainer.devices=2", "trainer.max_epochs=1", max_steps=10_000)
     assert result.ok, result.error
-    steps = [step for step, _ in storage.list_checkpoints(str(run_dir))]
+    steps = [step for step, _ in checkpoints.list_checkpoints(str(run_dir))]
     assert 0 < steps[-1] < 10_000, "the run must stop when the single epoch runs out"
 
 

@@ -1,5 +1,6 @@
 """Config: YAML with NeMo speechlm2 keys + command-line overrides -> one validated ExperimentConfig."""
 
+from orchestrator.config.errors import ConfigError
 from orchestrator.config.loader import (
     LoadedConfig,
     experiment_from_dict,
@@ -10,7 +11,6 @@ from orchestrator.config.loader import (
     to_yaml,
 )
 from orchestrator.config.schema import DataConfig, DatasetConfig, ExperimentConfig, TrainerConfig
-from orchestrator.config.validate import ConfigError
 
 __all__ = [
     "ConfigError",

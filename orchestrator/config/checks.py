@@ -11,8 +11,9 @@ import re
 
 from orchestrator.config.schema import DatasetConfig, ExperimentConfig
 from orchestrator.config.targets import target_problem
-from orchestrator.config.validate import did_you_mean
 from speech_models.config import ConformerConfig
+from speech_models.registry import entry_for, model_types
+from speech_models.typed_data import did_you_mean
 
 CONV_NORM = re.compile(r"^(batch_norm|layer_norm|group_?norm\d*)$")
 
@@ -53,18 +54,15 @@ def _check_trainer(cfg: ExperimentConfig, problems: list[str]) -> None:
 
 def produced_metrics(cfg: ExperimentConfig) -> list[str]:
     """The validation metrics a run of `cfg` reports (each also per set as `<metric>_<set name>`)."""
-    model_type = cfg.model.resolved_model_type()
-    if model_type == "salm":
-        return ["val_loss", "val_acc", "val_wer"]
-    metrics = ["val_loss", "val_acc", "val_txt_bleu", "val_text_loss", "val_audio_loss", "val_audio_acc"]
-    if cfg.model.scoring_asr:
-        metrics.append("val_asr_bleu")
-    return metrics
+    entry = entry_for(cfg.model)
+    return [f"val_{m.name}" for m in entry.validation_metrics(scoring_asr=bool(cfg.model.scoring_asr))]
 
 
 def _check_monitor(cfg: ExperimentConfig, problems: list[str]) -> None:
     if cfg.data.validation_ds is None or not cfg.exp_manager.create_checkpoint_callback:
         return  # without validation, checkpoints are kept by recency and monitor is unused
+    if cfg.model.resolved_model_type() not in model_types():
+        return  # reported by _check_model
     monitor = cfg.exp_manager.checkpoint_callback_params.monitor
     produced = produced_metrics(cfg)
     if not any(monitor == m or monitor.startswith(m + "_") for m in produced):
@@ -77,6 +75,18 @@ def _check_monitor(cfg: ExperimentConfig, problems: list[str]) -> None:
 
 def _check_model(cfg: ExperimentConfig, problems: list[str]) -> None:
     m = cfg.model
+    if m.model_type != "auto" and m.model_type not in model_types():
+        problems.append(
+            f"model.model_type: {m.model_type!r} is not a registered model; choose auto or one of "
+            f"{', '.join(model_types())}.{did_you_mean(m.model_type, model_types())}"
+        )
+    else:
+        entry = entry_for(m)
+        if entry.speaks and m.pretrained_audio_codec is None:
+            problems.append(
+                f"model.pretrained_audio_codec: the {entry.name} model needs an audio codec "
+                "(a hub id or local dir of a Mimi/EnCodec/DAC model)"
+            )
     for key in ("freeze_params", "prevent_freeze_params"):
         for i, pattern in enumerate(getattr(m, key)):
             try:
@@ -103,11 +113,6 @@ def _check_model(cfg: ExperimentConfig, problems: list[str]) -> None:
         _check_conformer(m.perception.modality_adapter, "model.perception.modality_adapter", problems)
     if m.speech_decoder is not None and (problem := target_problem(m.speech_decoder.target)):
         problems.append(f"model.speech_decoder.target: {problem}")
-    if m.resolved_model_type() != "salm" and m.pretrained_audio_codec is None:
-        problems.append(
-            f"model.pretrained_audio_codec: the {m.resolved_model_type()} model needs an audio codec "
-            "(a hub id or local dir of a Mimi/EnCodec/DAC model)"
-        )
     if m.audio_loss_weight < 0 or m.text_loss_weight < 0:
         problems.append("model.audio_loss_weight / text_loss_weight: loss weights must not be negative")
 

@@ -17,10 +17,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from orchestrator.config.checks import check_experiment
+from orchestrator.config.errors import ConfigError
 from orchestrator.config.nemo_compat import apply_nemo_compat
 from orchestrator.config.overrides import OverrideError, apply_overrides
 from orchestrator.config.schema import ExperimentConfig
-from orchestrator.config.validate import ConfigError, build
+from speech_models.typed_data import build
 
 
 @dataclass

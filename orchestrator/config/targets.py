@@ -19,10 +19,10 @@ NEMO_TARGETS: dict[str, str] = {
     "nemo.collections.speechlm2.modules.speech_generation.TransformerARSpeechDecoder": (
         "speech_models.duplex_s2s_speech_decoder.TransformerARSpeechDecoder"
     ),
-    "nemo.core.optim.lr_scheduler.CosineAnnealing": "orchestrator.schedules.CosineAnnealing",
-    "nemo.core.optim.lr_scheduler.WarmupAnnealing": "orchestrator.schedules.WarmupAnnealing",
-    "nemo.core.optim.lr_scheduler.InverseSquareRootAnnealing": "orchestrator.schedules.InverseSquareRootAnnealing",
-    "nemo.core.optim.lr_scheduler.NoamAnnealing": "orchestrator.schedules.InverseSquareRootAnnealing",
+    "nemo.core.optim.lr_scheduler.CosineAnnealing": "orchestrator.training.schedules.CosineAnnealing",
+    "nemo.core.optim.lr_scheduler.WarmupAnnealing": "orchestrator.training.schedules.WarmupAnnealing",
+    "nemo.core.optim.lr_scheduler.InverseSquareRootAnnealing": "orchestrator.training.schedules.InverseSquareRootAnnealing",
+    "nemo.core.optim.lr_scheduler.NoamAnnealing": "orchestrator.training.schedules.InverseSquareRootAnnealing",
 }
 
 # Lightning strategies named in NeMo configs -> trainer.strategy values.
@@ -37,7 +37,7 @@ ALLOWED_MODULES: tuple[str, ...] = (
     "torch.optim",
     "torch.optim.lr_scheduler",
     "speech_models",
-    "orchestrator.schedules",
+    "orchestrator.training.schedules",
     "transformers",
 )
 

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator import storage, tracking
 from orchestrator.config import load_experiment, to_yaml
-from orchestrator.progress import format_duration
+from orchestrator.storage import filesystems
+from orchestrator.storage.paths import is_url, join
 from orchestrator.sweep.spec import LoadedSweep
+from orchestrator.training.progress import format_duration
 
 RESULTS_TABLE = "results.md"
 RESULTS_CSV = "results.csv"
@@ -105,7 +106,7 @@ def _read_error(tune_path: str, trial) -> str | None:
     """The trial's error.txt in the experiment dir (trial dirs are named by trial id). Not `trial.error_file`:
     after a --resume that points into the previous driver's Ray session dir, which is gone."""
     try:
-        return storage.read_text(f"{tune_path.rstrip('/')}/{trial.trial_id}/error.txt").strip()
+        return filesystems.read_text(join(join(tune_path, trial.trial_id), "error.txt")).strip()
     except OSError:  # no error.txt (FileNotFoundError) or an unreadable one
         return None
 
@@ -295,13 +296,26 @@ def comparison_png(records: list[TrialRecord], loaded: LoadedSweep, out_file: Pa
 # -------------------------------------------------------------------------------------------------- finish
 
 
-def finish_sweep(loaded: LoadedSweep, records: list[TrialRecord], context, elapsed: float, interrupted: bool):
-    """Write the sweep's files, attach them to the MLflow parent run, print the summary."""
-    from orchestrator.sweep.run import SweepOutcome, child_runs, reconcile_trial_runs
+@dataclass
+class ResultFiles:
+    """What `write_results` wrote (in the sweep dir, or a scratch dir for a sweep dir on object storage)."""
 
+    out_dir: Path
+    table: str  # the ranked table, as printed
+    best: TrialRecord | None
+    best_config: Path | None
+    comparison: Path | None
+
+    @property
+    def paths(self) -> list[Path]:
+        files = [self.out_dir / RESULTS_TABLE, self.out_dir / RESULTS_CSV, self.best_config, self.comparison]
+        return [f for f in files if f is not None]
+
+
+def write_results(loaded: LoadedSweep, records: list[TrialRecord]) -> ResultFiles:
+    """results.md, results.csv, best_config.yaml (validated: it is what we hand the user) and the plot."""
     sweep_dir = loaded.sweep_dir
-    local = "://" not in sweep_dir
-    out = Path(sweep_dir) if local else Path(_scratch_dir())
+    out = Path(_scratch_dir()) if is_url(sweep_dir) else Path(sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
     header, rows = results_rows(records, loaded)
     table = format_table(header, rows)
@@ -314,26 +328,16 @@ def finish_sweep(loaded: LoadedSweep, records: list[TrialRecord], context, elaps
     if best is not None:
         best_path = out / BEST_CONFIG
         best_path.write_text(best_config_yaml(best, loaded))
-        load_experiment(best_path)  # what we hand the user must validate
+        load_experiment(best_path)
     png = comparison_png(records, loaded, out / COMPARISON_PNG)
+    return ResultFiles(out, table, best, best_path, png)
 
-    reconcile_trial_runs(context, records)
-    client = tracking._client(context.tracking_uri)
-    for path in (out / RESULTS_TABLE, out / RESULTS_CSV, best_path, png):
-        if path is not None:
-            client.log_artifact(context.parent_run_id, str(path))
+
+def summary_text(
+    loaded: LoadedSweep, records: list[TrialRecord], files: ResultFiles, elapsed: float, interrupted: bool
+) -> list[str]:
+    """The lines printed at the end of a sweep, before where it is tracked."""
     counts = {s: sum(r.status == s for r in records) for s in ("finished", "early_stopped", "failed")}
-    for status, n in counts.items():
-        client.log_metric(context.parent_run_id, f"trials_{status}", n)
-    if best is not None:
-        client.log_metric(context.parent_run_id, f"best_{loaded.spec.metric}", best.best(loaded.spec.mode)[1])
-        client.set_tag(context.parent_run_id, "speechlm.best_trial", best.trial_id)
-    client.set_tag(context.parent_run_id, "speechlm.sweep_seconds", f"{elapsed:.0f}")
-    all_failed = records and all(r.status == "failed" for r in records)
-    status = "KILLED" if interrupted else ("FAILED" if all_failed else "FINISHED")
-    client.set_terminated(context.parent_run_id, status=status)
-
-    children = child_runs(context.tracking_uri, context.experiment_name, context.parent_run_id)
     lines = [
         "",
         "=" * 100,
@@ -342,34 +346,17 @@ def finish_sweep(loaded: LoadedSweep, records: list[TrialRecord], context, elaps
         + f" in {format_duration(elapsed)}: {len(records)} trials, {counts['finished']} finished, "
         f"{counts['early_stopped']} stopped early, {counts['failed']} failed",
         "",
-        table,
+        files.table,
         "",
     ]
-    if best is not None:
-        step, value = best.best(loaded.spec.mode)
-        lines.append(f"best trial:    {best.trial_id} ({loaded.spec.metric}={value:.4f} at step {step})")
-        lines.append(f"best config:   {best_path}   ->   speechlm train {best_path}")
-    if png is not None:
-        lines.append(f"comparison:    {png}")
-    lines.append(f"results:       {out / RESULTS_TABLE}")
-    lines.append(
-        f"MLflow:        parent run {context.parent_run_id} with {len(children)} child runs in experiment "
-        f"{context.experiment_name!r} at {context.tracking_uri}"
-    )
-    lines.append(f"MLflow UI:     {tracking.ui_command(context.tracking_uri)}")
-    if interrupted:
-        lines.append(f"resume with:   speechlm sweep {loaded.source} --resume")
-    lines.append("=" * 100)
-    print("\n".join(lines), flush=True)
-    return SweepOutcome(
-        ok=not interrupted and not all_failed,
-        interrupted=interrupted,
-        sweep_dir=sweep_dir,
-        trials=records,
-        best_config=str(best_path) if best_path else None,
-        tracking_uri=context.tracking_uri,
-        parent_run_id=context.parent_run_id,
-    )
+    if files.best is not None:
+        step, value = files.best.best(loaded.spec.mode)
+        lines.append(f"best trial:    {files.best.trial_id} ({loaded.spec.metric}={value:.4f} at step {step})")
+        lines.append(f"best config:   {files.best_config}   ->   speechlm train {files.best_config}")
+    if files.comparison is not None:
+        lines.append(f"comparison:    {files.comparison}")
+    lines.append(f"results:       {files.out_dir / RESULTS_TABLE}")
+    return lines
 
 
 def _scratch_dir() -> str:

@@ -1,7 +1,7 @@
 """`speechlm sweep`: a validated sweep spec -> Ray Tune, one Ray Train run per trial, tracked in MLflow.
 
 The shape (Ray Train v2 + Tune): a Tune trial (`SweepTrial`) loads the base config with the trial's values
-and calls `orchestrator.train.run_training` - exactly what `speechlm train` does - with the trial's own run
+and calls `orchestrator.training.driver.run_training` - exactly what `speechlm train` does - with the trial's own run
 dir `<sweep dir>/trials/<trial id>`, so a restarted trial resumes from its own checkpoints.
 
 How results reach Tune: a `ray.train.UserCallback` in the Train controller forwards only the validation
@@ -28,7 +28,6 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,47 +35,24 @@ import ray.train
 import yaml
 from ray import tune
 
-from orchestrator import storage, tracking
-from orchestrator.config import ConfigError, flatten, to_yaml
-from orchestrator.sweep import search_space
+from orchestrator.config import ConfigError, flatten
+from orchestrator.storage.checkpoints import latest_checkpoint
+from orchestrator.storage.paths import is_url
+from orchestrator.sweep import report, search_space, trial_runs
+from orchestrator.sweep.context import TRIALS_DIR, TUNE_DIR, SweepContext, SweepOutcome
 from orchestrator.sweep.report import error_summary, trial_status
 from orchestrator.sweep.spec import LoadedSweep, SweptParam
+from orchestrator.sweep.trial_runs import SWEEP_TAG, TRIAL_ID_TAG, TRIAL_STATUS_TAG
+from orchestrator.tracking import mlflow_runs
 
 logger = logging.getLogger(__name__)
 
-TUNE_DIR = "tune"  # <sweep dir>/tune: Tune's experiment state (what --resume restores)
-TRIALS_DIR = "trials"  # <sweep dir>/trials/<trial id>: each trial's Ray Train run dir
 SPEC_FILE = "sweep_spec.yaml"  # the spec as resolved when the sweep started (resume checks it)
 POINTER_FILE = "train_checkpoint.json"
-TRIAL_ID_TAG = "speechlm.trial_id"
-TRIAL_STATUS_TAG = "speechlm.trial_status"
-SWEEP_TAG = "speechlm.sweep"
 
 
 class TrialFailedError(RuntimeError):
     """A trial's training run failed; Tune records the trial as errored and the sweep goes on."""
-
-
-@dataclass
-class SweepContext:
-    """What every trial needs besides its sampled values; pickled into the trial function."""
-
-    loaded: LoadedSweep
-    tracking_uri: str
-    experiment_name: str
-    parent_run_id: str
-    cwd: str
-
-
-@dataclass
-class SweepOutcome:
-    ok: bool  # the sweep ran to its end (some trials may have failed)
-    interrupted: bool
-    sweep_dir: str
-    trials: list[Any] = field(default_factory=list)  # report.TrialRecord, best first
-    best_config: str | None = None
-    tracking_uri: str | None = None
-    parent_run_id: str | None = None
 
 
 # ------------------------------------------------------------------------------------------------ trial
@@ -115,7 +91,7 @@ def trial_run_dir(sweep_dir: str, trial_id: str, pointer: dict[str, Any] | None)
     if pointer["trial_id"] == trial_id:
         return pointer["run_dir"], None
     run_dir = f"{own}-from-{pointer['trial_id']}-step{int(pointer['step'])}"
-    return run_dir, (pointer["checkpoint"] if storage.latest_checkpoint(run_dir) is None else None)
+    return run_dir, (pointer["checkpoint"] if latest_checkpoint(run_dir) is None else None)
 
 
 def trial_overrides(context: SweepContext, trial_id: str, run_dir: str, start_from: str | None) -> list[str]:
@@ -203,13 +179,13 @@ class SweepTrial(tune.Trainable):
             with contextlib.suppress(Exception):
                 ray.get(self.controller.abort.remote(), timeout=120)
         self.thread.join(timeout=120)
-        settle_stopped_trial(self.context, self.trial_id)
+        trial_runs.settle_stopped_trial(self.context, self.trial_id)
 
     # helpers ----------------------------------------------------------------------------------------
     def _start_training(self) -> None:
         from ray.util.queue import Queue
 
-        from orchestrator.train import run_training
+        from orchestrator.training.driver import run_training
 
         loaded, context, trial_id = self.context.loaded, self.context, self.trial_id
         self.run_dir, start_from = trial_run_dir(loaded.sweep_dir, trial_id, self.pointer)
@@ -263,14 +239,14 @@ class SweepTrial(tune.Trainable):
 
 def _log_attempt(run_dir: str, trial_id: str, overrides: list[str], start_from: str | None) -> None:
     """One JSON line per (re)start of a trial in <run dir>/../<trial id>.attempts.jsonl (local sweep dirs)."""
-    if "://" in run_dir:
+    if is_url(run_dir):
         return
     path = Path(run_dir).parent / f"{trial_id}.attempts.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     entry = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "run_dir": run_dir,
-        "resumed_from": storage.latest_checkpoint(run_dir) or start_from,
+        "resumed_from": latest_checkpoint(run_dir) or start_from,
         "overrides": overrides,
     }
     with path.open("a") as f:
@@ -325,9 +301,7 @@ class TrialStatusCallback(tune.Callback):
 
     # helpers ---------------------------------------------------------------------------------------
     def _print_table(self, trials, status: dict[str, str] | None = None) -> None:
-        from orchestrator.sweep.report import live_table
-
-        print(live_table(trials, self.context.loaded, status), flush=True)
+        print(report.live_table(trials, self.context.loaded, status), flush=True)
         self._last_table = time.monotonic()
         self._dirty = False
 
@@ -335,70 +309,9 @@ class TrialStatusCallback(tune.Callback):
         """Tag the trial's child runs; close runs the trial could not close; record failures that never
         reached MLflow (e.g. before training started) as a failed child run."""
         try:
-            mark_trial_runs(self.context, trial_id, status, error, config)
+            trial_runs.mark_trial_runs(self.context, trial_id, status, error, config)
         except Exception as exc:  # tracking must never stop a sweep
             logger.warning("could not record the status of trial %s in MLflow: %s", trial_id, exc)
-
-
-def mark_trial_runs(context: SweepContext, trial_id: str, status: str, error: str | None, config: dict | None) -> None:
-    """Tag the trial's child runs with its status (the runs are closed by the trial itself); a failure that
-    never reached MLflow (before training started) becomes a failed child run of its own."""
-    client = tracking._client(context.tracking_uri)
-    runs = child_runs(context.tracking_uri, context.experiment_name, context.parent_run_id, trial_id)
-    if not runs and status == "failed":
-        run_dir = f"{context.loaded.sweep_dir}/{TRIALS_DIR}/{trial_id}"
-        params = {p.key: (config or {}).get(p.key) for p in context.loaded.params}
-        tags = {TRIAL_ID_TAG: trial_id, SWEEP_TAG: context.loaded.spec.name}
-        run_id = tracking.start_or_resume_run(
-            context.tracking_uri, context.experiment_name, run_dir, trial_id, params, tags, context.parent_run_id
-        )
-        client.set_terminated(run_id, status="FAILED")
-        runs = [client.get_run(run_id)]
-    for run in runs:
-        client.set_tag(run.info.run_id, TRIAL_STATUS_TAG, status)
-        if error:
-            client.set_tag(run.info.run_id, "speechlm.error", error[-4000:])
-
-
-def settle_stopped_trial(context: SweepContext, trial_id: str) -> None:
-    """After a stopped trial's Train run was aborted (`run_training` closes its MLflow run as KILLED):
-    FINISHED when the scheduler stopped it (the driver tagged it early_stopped first), else it stays KILLED
-    (the sweep was interrupted; --resume continues the run)."""
-    try:
-        client = tracking._client(context.tracking_uri)
-        for run in child_runs(context.tracking_uri, context.experiment_name, context.parent_run_id, trial_id):
-            early = run.data.tags.get(TRIAL_STATUS_TAG) == "early_stopped"
-            client.set_terminated(run.info.run_id, status="FINISHED" if early else "KILLED")
-    except Exception as exc:  # tracking must never break a sweep
-        logger.warning("could not settle the MLflow run of stopped trial %s: %s", trial_id, exc)
-
-
-def reconcile_trial_runs(context: SweepContext, records: list[Any]) -> None:
-    """At the end of a sweep: every ended trial's child runs carry its final status, tag and MLflow state."""
-    client = tracking._client(context.tracking_uri)
-    terminal = {"finished": "FINISHED", "early_stopped": "FINISHED", "failed": "FAILED"}
-    for record in records:
-        if record.status not in terminal:
-            continue
-        for run in child_runs(context.tracking_uri, context.experiment_name, context.parent_run_id, record.trial_id):
-            if run.data.tags.get(TRIAL_STATUS_TAG) != record.status:
-                client.set_tag(run.info.run_id, TRIAL_STATUS_TAG, record.status)
-            if run.info.status != terminal[record.status]:
-                client.set_terminated(run.info.run_id, status=terminal[record.status])
-
-
-def child_runs(tracking_uri: str, experiment_name: str, parent_run_id: str, trial_id: str | None = None) -> list:
-    """The MLflow child runs of a sweep (of one trial when trial_id is given)."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        return []
-    query = f"tags.`{tracking.PARENT_TAG}` = '{parent_run_id}'"
-    if trial_id:
-        query += f" and tags.`{TRIAL_ID_TAG}` = '{trial_id}'"
-    return list(client.search_runs([experiment.experiment_id], filter_string=query, max_results=10000))
 
 
 def _error_text(trial) -> str:
@@ -418,7 +331,7 @@ def _param_text(params: list[SweptParam], config: dict[str, Any]) -> str:
 
 def plan_concurrency(loaded: LoadedSweep, cluster: dict[str, float]) -> tuple[int, str]:
     """max_concurrent_trials and why: as many trials as the cluster fits, keeping half the CPUs for Ray Data."""
-    from orchestrator.train import plan_resources
+    from orchestrator.training.resources import plan_resources
 
     if loaded.spec.max_concurrent_trials is not None:
         return loaded.spec.max_concurrent_trials, "from the spec"
@@ -429,17 +342,6 @@ def plan_concurrency(loaded: LoadedSweep, cluster: dict[str, float]) -> tuple[in
     per_trial = res.num_workers * res.cpus_per_worker
     fit = int(cluster.get("CPU", 1) // (2 * per_trial))
     return max(1, fit), f"{cluster.get('CPU', 1):g} CPUs, {per_trial:g} per trial, half kept for Ray Data"
-
-
-def sweep_tracking(loaded: LoadedSweep) -> tuple[str, str]:
-    """(tracking URI, experiment name): the spec's, else the base config's URI / the sweep name."""
-    from orchestrator.runs import mlflow_tracking_uri
-
-    exp = dataclasses.replace(loaded.base.cfg.exp_manager)
-    if loaded.spec.mlflow.tracking_uri:
-        exp.mlflow_logger_kwargs = {**exp.mlflow_logger_kwargs, "tracking_uri": loaded.spec.mlflow.tracking_uri}
-    uri = mlflow_tracking_uri(exp, loaded.sweep_dir)
-    return uri, loaded.spec.mlflow.experiment_name or loaded.spec.name
 
 
 def spec_record(loaded: LoadedSweep) -> dict[str, Any]:
@@ -469,7 +371,7 @@ def check_resume(loaded: LoadedSweep, resume: bool) -> None:
             loaded.source,
         )
     saved = Path(loaded.sweep_dir) / SPEC_FILE
-    if resume and "://" not in loaded.sweep_dir and saved.is_file():
+    if resume and not is_url(loaded.sweep_dir) and saved.is_file():
         before = flatten(yaml.safe_load(saved.read_text()))
         now = flatten(json.loads(json.dumps(spec_record(loaded))))
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
@@ -486,8 +388,7 @@ def check_resume(loaded: LoadedSweep, resume: bool) -> None:
 
 def run_sweep(loaded: LoadedSweep, resume: bool = False, retry_failed: bool = False) -> SweepOutcome:
     """Run (or resume) the sweep to its end; write the results table, best config and plot; track in MLflow."""
-    from orchestrator.sweep import report
-    from orchestrator.train import connect_ray
+    from orchestrator.training.driver import connect_ray
 
     check_resume(loaded, resume)
     # Trials must see the launch directory (relative data paths), and Train workers the same.
@@ -500,14 +401,14 @@ def run_sweep(loaded: LoadedSweep, resume: bool = False, retry_failed: bool = Fa
     print(f"max_concurrent_trials: {concurrency} ({why})", flush=True)
 
     sweep_dir = loaded.sweep_dir
-    if "://" not in sweep_dir:
+    if not is_url(sweep_dir):
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
         if not resume:
             (Path(sweep_dir) / SPEC_FILE).write_text(
                 yaml.safe_dump(json.loads(json.dumps(spec_record(loaded))), sort_keys=False)
             )
-    tracking_uri, experiment = sweep_tracking(loaded)
-    parent_run_id = start_parent_run(loaded, tracking_uri, experiment)
+    tracking_uri, experiment = trial_runs.sweep_tracking(loaded)
+    parent_run_id = trial_runs.start_parent_run(loaded, tracking_uri, experiment)
     context = SweepContext(loaded, tracking_uri, experiment, parent_run_id, os.getcwd())
 
     # The trial function only waits on its Train run; the TorchTrainer's workers hold the real resources.
@@ -555,42 +456,34 @@ def run_sweep(loaded: LoadedSweep, resume: bool = False, retry_failed: bool = Fa
     started = time.monotonic()
     tuner.fit()  # failed trials are in the results, not raised; Ctrl-C returns here with the state saved
     elapsed = time.monotonic() - started
-    trials = report.collect_trials(tune_path, loaded)
-    interrupted = any(t.status in ("pending", "running", "paused") for t in trials)
-    outcome = report.finish_sweep(loaded, trials, context, elapsed, interrupted)
-    return outcome
+    records = report.collect_trials(tune_path, loaded)
+    interrupted = any(t.status in ("pending", "running", "paused") for t in records)
+    return finish_sweep(context, records, elapsed, interrupted)
 
 
-def start_parent_run(loaded: LoadedSweep, tracking_uri: str, experiment: str) -> str:
-    """The sweep's MLflow parent run (continued on --resume): spec params, spec and base config artifacts."""
-    params = {
-        f"sweep.{k}": v
-        for k, v in flatten(dataclasses.asdict(loaded.spec)).items()
-        if not k.startswith(("search_space.", "smoke."))
-    }
-    params.update({f"search_space.{p.key}": _describe_param(p) for p in loaded.params})
-    params["sweep.fixed_overrides"] = " ".join(loaded.fixed_overrides)
-    run_id = tracking.start_or_resume_run(
-        tracking_uri,
-        experiment,
-        loaded.sweep_dir,
-        run_name=loaded.spec.name + ("-smoke" if loaded.smoke else ""),
-        params=params,
-        tags={
-            "speechlm.kind": "sweep",
-            "speechlm.spec": loaded.source,
-            "speechlm.base_config": loaded.base_path,
-            "speechlm.metric": loaded.spec.metric,
-        },
+def finish_sweep(context: SweepContext, records: list, elapsed: float, interrupted: bool) -> SweepOutcome:
+    """Write the sweep's files, attach them to the MLflow parent run, print the summary."""
+    loaded = context.loaded
+    files = report.write_results(loaded, records)
+    trial_runs.close_parent_run(context, records, files.paths, files.best, elapsed, interrupted)
+    children = trial_runs.child_runs(context)
+    lines = report.summary_text(loaded, records, files, elapsed, interrupted)
+    lines.append(
+        f"MLflow:        parent run {context.parent_run_id} with {len(children)} child runs in experiment "
+        f"{context.experiment_name!r} at {context.tracking_uri}"
     )
-    tracking.log_text_artifact(tracking_uri, run_id, Path(loaded.source).read_text(), "sweep_spec.yaml")
-    tracking.log_text_artifact(tracking_uri, run_id, to_yaml(loaded.base.cfg), "base_config.yaml")
-    return run_id
-
-
-def _describe_param(p: SweptParam) -> str:
-    if p.presets:
-        return f"{p.kind} presets " + json.dumps(dict(p.presets))
-    if p.discrete:
-        return f"{p.kind} {json.dumps(list(p.options))}"
-    return f"{p.kind} {list(p.bounds)}"
+    lines.append(f"MLflow UI:     {mlflow_runs.ui_command(context.tracking_uri)}")
+    if interrupted:
+        lines.append(f"resume with:   speechlm sweep {loaded.source} --resume")
+    lines.append("=" * 100)
+    print("\n".join(lines), flush=True)
+    all_failed = bool(records) and all(r.status == "failed" for r in records)
+    return SweepOutcome(
+        ok=not interrupted and not all_failed,
+        interrupted=interrupted,
+        sweep_dir=loaded.sweep_dir,
+        trials=records,
+        best_config=str(files.best_config) if files.best_config else None,
+        tracking_uri=context.tracking_uri,
+        parent_run_id=context.parent_run_id,
+    )

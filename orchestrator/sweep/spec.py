@@ -27,11 +27,9 @@ import dataclasses
 import json
 import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -39,7 +37,9 @@ from omegaconf.errors import OmegaConfBaseException
 from orchestrator.config import ConfigError, ExperimentConfig, LoadedConfig, load_experiment
 from orchestrator.config.checks import produced_metrics
 from orchestrator.config.overrides import OverrideError, apply_overrides
-from orchestrator.config.validate import build, did_you_mean
+from orchestrator.storage.paths import absolute
+from speech_models.registry import entry_for
+from speech_models.typed_data import build, did_you_mean, key_problem
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
 DEFAULT_OUTPUT_ROOT = "experiments/sweeps"
@@ -204,7 +204,7 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     An override whose first key is a sweep-spec key (num_samples=8, scheduler.grace_period=100, name=x)
     changes the spec; any other (trainer.max_steps=100, model.lora.r=4) is a fixed config override.
     """
-    spec_keys = set(_field_names(SweepSpec))
+    spec_keys = {f.name for f in dataclasses.fields(SweepSpec)}
     spec, config = [], []
     for override in overrides:
         key = override.lstrip("~+").split("=", 1)[0]
@@ -283,7 +283,7 @@ def sweep_from_omegaconf(raw: DictConfig, overrides: list[str], source: str, smo
         fixed_overrides=fixed,
         base=base,
         params=params,
-        sweep_dir=_absolute(output),
+        sweep_dir=absolute(output),
         smoke=smoke,
         warnings=warnings,
     )
@@ -303,12 +303,6 @@ def smoke_version(spec: SweepSpec) -> SweepSpec:
     return dataclasses.replace(
         spec, search_space=space, scheduler=scheduler, search_alg=search_alg, num_samples=spec.smoke.num_samples
     )
-
-
-def _absolute(path: str) -> str:
-    if "://" in path and not path.startswith("file://"):
-        return path
-    return str(Path(path.removeprefix("file://")).expanduser().resolve())
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -429,63 +423,7 @@ def _range_param(key: str, kind: str, value: list[float], path: str, problems: l
 
 def schema_key_problem(key: str) -> str | None:
     """None when the dotted `key` names a config key of the experiment schema, else what is wrong."""
-    tp: Any = ExperimentConfig
-    walked: list[str] = []
-    for part in key.split("."):
-        tp = _unwrap_optional(tp, part)
-        origin = typing.get_origin(tp)
-        if tp is Any:
-            return None
-        if _is_dataclass_type(tp):
-            names = _field_names(tp)
-            if part not in names:
-                prefix = ".".join(walked)
-                close = did_you_mean(part, names)
-                suggestion = close.split("'")[1] if close else _prefix_match(part, names)
-                close = f" Did you mean '{prefix + '.' if prefix else ''}{suggestion}'?" if suggestion else ""
-                where = f"'{prefix}' ({tp.__name__})" if prefix else "the experiment config"
-                return f"unknown config key '{key}': {where} has no key '{part}'.{close}"
-            tp = typing.get_type_hints(tp)[part]
-        elif origin is dict:
-            tp = (typing.get_args(tp) or (str, Any))[1]
-        elif origin is list:
-            if not part.isdigit():
-                return f"unknown config key '{key}': '{'.'.join(walked)}' is a list; index it with a number"
-            tp = (typing.get_args(tp) or (Any,))[0]
-        else:
-            return f"unknown config key '{key}': '{'.'.join(walked)}' is a value, it has no key '{part}'"
-        walked.append(part)
-    return None
-
-
-def _prefix_match(part: str, names: list[str]) -> str | None:
-    """`rank` -> `r`, `max_step` -> `max_steps`: a field the key starts with, or that starts with the key."""
-    hits = [n for n in names if part.startswith(n) or n.startswith(part)]
-    return max(hits, key=len) if hits else None
-
-
-def _unwrap_optional(tp: Any, part: str) -> Any:
-    """`X | None` -> X; for other unions the dataclass, or the list when indexed by a number, or the dict."""
-    if typing.get_origin(tp) not in (Union, types.UnionType):
-        return tp
-    options = [o for o in typing.get_args(tp) if o is not type(None)]
-    for option in options:
-        if _is_dataclass_type(option):
-            return option
-    for option in options:
-        if typing.get_origin(option) is list and part.isdigit():
-            return option
-        if typing.get_origin(option) is dict:
-            return option
-    return options[0] if len(options) == 1 else Any
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and hasattr(tp, "__dataclass_fields__")
-
-
-def _field_names(cls: type) -> list[str]:
-    return list(cls.__dataclass_fields__)
+    return key_problem(ExperimentConfig, key, root="the experiment config")
 
 
 def _resolve_base(base: str, source: str, problems: list[str]) -> str | None:
@@ -544,9 +482,6 @@ def _check_candidates(base_path: str, fixed: list[str], params: list[SweptParam]
                 problems.extend(f"search_space.{param.key}: {label}: {p}" for p in exc.problems)
 
 
-LOWER_IS_BETTER = ("val_loss", "val_wer", "val_text_loss", "val_audio_loss")
-
-
 def reported_metrics(cfg: ExperimentConfig) -> list[str]:
     """The validation metrics a run of `cfg` reports, overall and per validation set."""
     names = produced_metrics(cfg)
@@ -562,13 +497,14 @@ def _check_metric(spec: SweepSpec, cfg: ExperimentConfig, problems: list[str]) -
         )
         return
     known = reported_metrics(cfg)
+    entry = entry_for(cfg.model)
     if spec.metric not in known:
         problems.append(
-            f"metric: {spec.metric!r} is not reported by a {cfg.model.resolved_model_type()} run; "
+            f"metric: {spec.metric!r} is not reported by a {entry.name} run; "
             f"choose one of: {', '.join(known)}.{did_you_mean(spec.metric, known)}"
         )
         return
-    better = "min" if spec.metric.startswith(LOWER_IS_BETTER) else "max"
+    better = entry.metric_mode(spec.metric)
     if spec.mode != better:
         problems.append(
             f"mode: {spec.mode!r} would rank the worst trial first; {spec.metric} is "

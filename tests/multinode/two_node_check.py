@@ -49,7 +49,7 @@ class Consumer:
     """One rank's side of a streaming_split, pinned to a node by a custom resource."""
 
     def consume(self, split) -> dict:
-        from orchestrator.data.pipeline import iterate_batches
+        from orchestrator.data.stream import iterate_batches
 
         stream = iterate_batches(split)
         ids = [cut_id for _, meta in stream for cut_id in meta.ids]
@@ -58,10 +58,10 @@ class Consumer:
 
 @ray.remote(num_cpus=0)
 def latest_checkpoint_step(run_dir: str) -> dict:
-    from orchestrator import storage
+    from orchestrator.storage import checkpoints, filesystems
 
-    latest = storage.latest_checkpoint(run_dir)
-    state = json.loads(storage.read_text(f"{latest}/state.json"))
+    latest = checkpoints.latest_checkpoint(run_dir)
+    state = json.loads(filesystems.read_text(f"{latest}/state.json"))
     return {"node": ray.get_runtime_context().get_node_id(), "path": latest, "step": state.get("step")}
 
 
@@ -75,7 +75,8 @@ def manifest_ids(shar_dir: Path) -> list[str]:
 
 def split_one_epoch(demo: Path, run_dir: str, nodes: dict[str, str]) -> dict:
     """The training pipeline over one epoch, streaming_split to two consumers on two different nodes."""
-    from orchestrator.data.pipeline import build_dataset, plan_dataset
+    from orchestrator.data.datasets import build_dataset
+    from orchestrator.data.plan import plan_dataset
     from speech_models.registry import build_collator
 
     cfg = load_experiment(DEMO_CONFIG, tiny_training_overrides(demo, run_dir)).cfg
@@ -95,7 +96,7 @@ def train_on_two_nodes(demo: Path, run_dir: str, address: str) -> dict:
     """The real driver with 2 workers that do not fit on one node, then where its workers ran."""
     from ray.util.state import list_actors
 
-    from orchestrator.train import run_training
+    from orchestrator.training.driver import run_training
 
     overrides = [*tiny_training_overrides(demo, run_dir, max_steps=3), "trainer.devices=2", "trainer.cpus_per_worker=2"]
     result = run_training(load_experiment(DEMO_CONFIG, overrides).cfg)

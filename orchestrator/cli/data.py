@@ -1,0 +1,118 @@
+"""`speechlm data demo|shar|inspect`: build demo assets, convert audio to Lhotse Shar, check Shar sets.
+
+Exit codes follow `orchestrator.cli.common`: 0 success, 1 broken data found, 2 bad input.
+Heavy imports (lhotse, transformers) happen inside the commands so `speechlm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, bad_input
+
+# Errors a user fixes by changing arguments or files; anything else is a bug and keeps its traceback.
+_INPUT_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from orchestrator.demo.assets import make_demo_assets
+
+    try:
+        summary = make_demo_assets(
+            args.out,
+            hours=args.hours,
+            seed=args.seed,
+            llm_size=args.llm_size,
+            s2s_hours=args.s2s_hours,
+            shard_size=args.shard_size,
+            num_workers=args.workers,
+            progress=not args.no_progress,
+        )
+    except _INPUT_ERRORS as err:
+        return bad_input(err)
+    print(summary.format())
+    return EXIT_OK
+
+
+def cmd_shar(args: argparse.Namespace) -> int:
+    from orchestrator.data.convert import convert_audio_dir_to_shar, convert_manifest_to_shar
+
+    common = dict(shard_size=args.shard_size, sample_rate=args.sample_rate, audio_format=args.format)
+    try:
+        if args.manifest:
+            summary = convert_manifest_to_shar(args.manifest, args.out, **common)
+        else:
+            summary = convert_audio_dir_to_shar(args.wav_dir, args.out, language=args.language, **common)
+    except _INPUT_ERRORS as err:
+        return bad_input(err)
+    print(summary.format())
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from orchestrator.data.inspect import inspect_shar
+    from orchestrator.data.shar import find_shar_dirs
+
+    try:
+        shar_dirs = find_shar_dirs(args.path)
+    except FileNotFoundError as err:
+        return bad_input(err)
+    if not shar_dirs:
+        return bad_input(f"no Shar data (cuts.NNNNNN.jsonl.gz) at or below {args.path}")
+    broken = []
+    for shar_dir in shar_dirs:
+        report = inspect_shar(shar_dir, num_threads=args.threads)
+        print(report.format())
+        if not report.ok:
+            broken.append(shar_dir)
+    if len(shar_dirs) > 1:
+        print(f"\n{len(shar_dirs)} Shar directories, {len(broken)} broken")
+    if broken:
+        print("broken: " + ", ".join(broken), file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Register the `data` command group (demo, shar, inspect) on the top-level subparsers."""
+    data = subparsers.add_parser("data", help="demo assets and Lhotse Shar tools")
+    sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+
+    demo = sub.add_parser(
+        "demo",
+        help="synthesise demo ASR/S2S Shar sets with eSpeak NG and build a tiny LLM (offline)",
+        description="Writes <out>/{llm,asr/{train,val,test},s2s/{train,val,test},DONE.json}. "
+        "Idempotent: finished splits are skipped; deterministic for a seed.",
+    )
+    demo.add_argument("--out", default="data/demo", help="output directory (default: data/demo)")
+    demo.add_argument("--hours", type=float, default=1.0, help="ASR train hours; val/test get 5%% each")
+    demo.add_argument("--s2s-hours", type=float, default=None, help="S2S train hours (default: hours / 2)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--llm-size", choices=("tiny", "small"), default="tiny")
+    demo.add_argument("--shard-size", type=int, default=200, help="cuts per Shar shard")
+    demo.add_argument("--workers", type=int, default=2, help="synthesis processes")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(func=cmd_demo)
+
+    shar = sub.add_parser(
+        "shar",
+        help="convert a Lhotse cuts manifest or a folder of audio + .txt transcripts to Shar",
+    )
+    source = shar.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", help="Lhotse cuts manifest (CUTS.jsonl.gz)")
+    source.add_argument("--wav-dir", help="folder of audio files (wav/flac/ogg/mp3) with same-named .txt")
+    shar.add_argument("--out", required=True, help="output Shar directory (must hold no shards yet)")
+    shar.add_argument("--shard-size", type=int, default=200, help="cuts per shard")
+    shar.add_argument("--sample-rate", type=int, default=None, help="resample the recording to this rate")
+    shar.add_argument("--format", default="flac", choices=("flac", "wav"), help="audio codec")
+    shar.add_argument("--language", default=None, help="language tag for --wav-dir supervisions")
+    shar.set_defaults(func=cmd_shar)
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="summarise Shar sets and check their consistency (exit 1 naming each broken shard)",
+    )
+    inspect.add_argument("path", help="Shar directory or a parent of several, local or fsspec URL")
+    inspect.add_argument("--threads", type=int, default=8, help="shards read in parallel")
+    inspect.set_defaults(func=cmd_inspect)

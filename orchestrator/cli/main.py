@@ -1,0 +1,113 @@
+"""`speechlm` / `python -m orchestrator`: train, sweep, validate, data, eval, infer, export.
+
+Every command takes NeMo's config forms: `speechlm train CONFIG.yaml key=value ...` or
+`speechlm train --config-path=DIR --config-name=NAME key=value ...`. Exit codes: 0 success, 1 the run
+failed, 2 bad input (config, arguments, data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from orchestrator import __version__
+from orchestrator.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from orchestrator.config import ConfigError, LoadedConfig, find_config_file, load_experiment
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """CONFIG, NeMo's --config-path/--config-name, and trailing key=value overrides."""
+    parser.add_argument("config", nargs="?", help="experiment YAML (NeMo speechlm2 keys)")
+    parser.add_argument("overrides", nargs="*", help="key=value, +key=value (add), ~key (delete)")
+    parser.add_argument("--config-path", dest="config_path", help="NeMo form: directory of the config")
+    parser.add_argument("--config-name", dest="config_name", help="NeMo form: config name, with or without .yaml")
+
+
+def load_from_args(args: argparse.Namespace) -> LoadedConfig:
+    """The validated config named on the command line; a bare `key=value` in CONFIG's place is an override."""
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and (args.config_path or args.config_name):
+        config, overrides = None, [config, *overrides]
+    path = find_config_file(config, args.config_path, args.config_name)
+    return load_experiment(path, overrides)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from orchestrator.config.summary import summarize
+
+    loaded = load_from_args(args)
+    for warning in loaded.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(summarize(loaded.cfg, loaded.source))
+    print(f"\n{loaded.source}: OK")
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from orchestrator.training.driver import run_training
+
+    loaded = load_from_args(args)
+    for warning in loaded.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    result = run_training(loaded.cfg, source=loaded.source)
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="speechlm",
+        description="Train and sweep speech-augmented LLMs (SALM, duplex S2S) on Ray. "
+        "The same program runs as `python -m orchestrator` (e.g. under `ray job submit`).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = sub.add_parser("train", help="train a model on Ray Train from a YAML config")
+    add_config_arguments(train)
+    train.set_defaults(func=cmd_train)
+
+    validate = sub.add_parser("validate", help="check a config and print its resolved summary (exit 2 on errors)")
+    add_config_arguments(validate)
+    validate.set_defaults(func=cmd_validate)
+
+    _add_command_groups(sub)
+    return parser
+
+
+def _add_command_groups(sub: argparse._SubParsersAction) -> None:
+    """Command groups that live in their own modules (data, sweep, eval/infer/export), each registering its
+    own arguments; they import their heavy dependencies only when their command runs."""
+    from orchestrator.cli.data import register as register_data
+    from orchestrator.cli.models import register as register_models
+    from orchestrator.cli.sweep import register as register_sweep
+
+    for register in (register_data, register_sweep, register_models):
+        register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may also follow a flag (`speechlm sweep SPEC --smoke num_samples=2`), which argparse alone
+    # rejects: whatever it leaves over is taken as more overrides when the command has them.
+    args, leftover = parser.parse_known_args(argv)
+    if leftover:
+        if not isinstance(getattr(args, "overrides", None), list) or any(a.startswith("-") for a in leftover):
+            parser.error(f"unrecognized arguments: {' '.join(leftover)}")
+        args.overrides.extend(leftover)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130

@@ -1,0 +1,227 @@
+"""`speechlm data inspect`: summarise a Shar set and check every shard (present, readable, aligned ids).
+
+Readers pair shards by index and tar members by cut id, so `inspect_shar` checks exactly those two invariants and
+names every shard that breaks them. The format itself is `orchestrator.data.shar`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from orchestrator.data.shar import find_shar_dirs, is_shar_placeholder, iter_tar_entries, list_fields
+from orchestrator.storage import filesystems
+from orchestrator.storage.paths import join
+
+
+@dataclass
+class _ShardResult:
+    num_cuts: int = 0
+    durations: list[float] = field(default_factory=list)
+    custom_fields: set[str] = field(default_factory=set)
+    referenced_fields: set[str] = field(default_factory=set)
+    sample_rates: dict[str, set[int]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SharReport:
+    """What ``inspect_shar`` found; ``ok`` is False when any shard breaks the Shar invariants."""
+
+    path: str
+    fields: dict[str, int]  # field -> number of shards
+    num_cuts: int
+    hours: float
+    durations: list[float]
+    sample_rates: dict[str, list[int]]
+    custom_fields: list[str]
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def num_shards(self) -> int:
+        return self.fields.get("cuts", 0)
+
+    def histogram(self, width: int = 40) -> list[str]:
+        """Text histogram of cut durations, 1 s bins (wider bins for long cuts)."""
+        if not self.durations:
+            return []
+        shortest, longest = min(self.durations), max(self.durations)
+        step = max(1, math.ceil((longest - shortest) / 20))
+        first = math.floor(shortest / step) * step
+        edges = np.arange(first, longest + step, step)
+        if len(edges) < 2:
+            edges = np.array([first, first + step])
+        counts, edges = np.histogram(self.durations, bins=edges)
+        top = counts.max() or 1
+        return [
+            f"{lo:6.1f}-{hi:<6.1f}s {n:7d} {'#' * max(1 if n else 0, round(width * n / top))}"
+            for lo, hi, n in zip(edges[:-1], edges[1:], counts, strict=True)
+        ]
+
+    def format(self) -> str:
+        lines = [f"Shar {self.path}"]
+        lines.append(f"  shards: {self.num_shards}   cuts: {self.num_cuts}   hours: {self.hours:.3f}")
+        for name, count in self.fields.items():
+            rates = self.sample_rates.get(name)
+            rate_text = f"  sample rate {'/'.join(map(str, rates))} Hz" if rates else ""
+            lines.append(f"  field {name:<14} {count:4d} shards{rate_text}")
+        if self.custom_fields:
+            lines.append(f"  custom cut attributes: {', '.join(self.custom_fields)}")
+        if self.durations:
+            d = np.asarray(self.durations)
+            lines.append(f"  duration min/mean/max: {d.min():.2f} / {d.mean():.2f} / {d.max():.2f} s")
+            lines += ["  " + row for row in self.histogram()]
+        if self.problems:
+            lines.append(f"  BROKEN: {len(self.problems)} problem(s)")
+            lines += [f"    - {p}" for p in self.problems]
+        else:
+            lines.append("  consistency: OK (one shard per field per cuts shard, tars readable, ids match)")
+        return "\n".join(lines)
+
+    __str__ = format
+
+
+def _read_cuts_shard(fs, path: str, result: _ShardResult) -> list[str] | None:
+    try:
+        with fs.open(path, "rb") as raw, _text_stream(raw, path) as f:
+            ids = []
+            for line in f:
+                if not line.strip():
+                    continue
+                item = json.loads(line)
+                ids.append(item["id"])
+                result.durations.append(float(item["duration"]))
+                custom = item.get("custom") or {}
+                result.custom_fields.update(custom)
+                # Data stored in the Shar tars is marked by a "shar" source/storage placeholder.
+                if is_shar_placeholder(item.get("recording")):
+                    result.referenced_fields.add("recording")
+                result.referenced_fields.update(k for k, v in custom.items() if is_shar_placeholder(v))
+    except (OSError, EOFError, ValueError, KeyError) as err:
+        result.problems.append(f"cuts shard {path} is unreadable ({type(err).__name__}: {err}); re-create it")
+        return None
+    result.num_cuts = len(ids)
+    return ids
+
+
+def _text_stream(raw, path: str):
+    return gzip.open(raw, "rt", encoding="utf-8") if path.endswith(".gz") else io.TextIOWrapper(raw, encoding="utf-8")
+
+
+def _read_tar_shard(fs, field_name: str, path: str, result: _ShardResult) -> list[str] | None:
+    """Ids of the data members of a field tar, in order; reads every byte to catch truncation."""
+    ids: list[str] = []
+    try:
+        with fs.open(path, "rb") as raw:
+            for entry in iter_tar_entries(raw):
+                if entry.manifest is not None:
+                    rate = json.loads(entry.manifest).get("sampling_rate")
+                    if rate:
+                        result.sample_rates.setdefault(field_name, set()).add(int(rate))
+                if entry.data is not None:
+                    ids.append(entry.cut_id)
+    except (OSError, EOFError, tarfile.TarError, ValueError, RuntimeError) as err:
+        result.problems.append(
+            f"{field_name} shard {path} is not a readable tar ({type(err).__name__}: {err}); "
+            "it is probably truncated: re-create or re-download it"
+        )
+        return None
+    return ids
+
+
+def _check_shard(fs, index: int, shards: dict[str, str | None]) -> _ShardResult:
+    result = _ShardResult()
+    cut_ids = _read_cuts_shard(fs, shards["cuts"], result)
+    for name, path in shards.items():
+        if name == "cuts" or path is None:
+            continue
+        member_ids = _read_tar_shard(fs, name, path, result)
+        if cut_ids is None or member_ids is None or member_ids == cut_ids:
+            continue
+        mismatch = next(
+            (i for i, (a, b) in enumerate(zip(cut_ids, member_ids, strict=False)) if a != b),
+            min(len(cut_ids), len(member_ids)),
+        )
+        expected = cut_ids[mismatch] if mismatch < len(cut_ids) else "<end>"
+        got = member_ids[mismatch] if mismatch < len(member_ids) else "<end>"
+        result.problems.append(
+            f"{name} shard {path} does not match {shards['cuts']}: {len(member_ids)} items vs "
+            f"{len(cut_ids)} cuts, first difference at position {mismatch} (cut {expected!r}, "
+            f"tar {got!r}); re-create the shard (cut ids must not contain dots)"
+        )
+    return result
+
+
+def inspect_shar(path_or_url: str | Path, num_threads: int = 8) -> SharReport:
+    """Summarise one Shar directory and check that every shard is present, readable and aligned.
+
+    Works on local paths and fsspec URLs (s3://, gs://, ...); reads every shard fully, in threads.
+    """
+    path = str(path_or_url)
+    fs, _ = filesystems.fsspec_filesystem(path)
+    fields = list_fields(path)
+    problems: list[str] = []
+    cuts_shards = fields.get("cuts", {})
+    if not cuts_shards:
+        problems.append(
+            f"{path} has no cuts shards (cuts.NNNNNN.jsonl.gz); is this the Shar directory itself? "
+            f"Shar directories below it: {find_shar_dirs(path) or 'none'}"
+        )
+    by_index: dict[int, dict[str, str | None]] = {i: {"cuts": p} for i, p in cuts_shards.items()}
+    for name, present in fields.items():
+        if name == "cuts":
+            continue
+        if len(present) != len(cuts_shards):
+            problems.append(
+                f"shar_path {path} has {len(cuts_shards)} cuts shards but {len(present)} "
+                f"{name} shards; every field needs one shard per cuts shard"
+            )
+        for index, shards in by_index.items():
+            shards[name] = present.get(index)
+            if index not in present:
+                suffix = f".{index:06d}" if index >= 0 else ""
+                problems.append(
+                    f"missing {name} shard {join(path, f'{name}{suffix}.tar')} for "
+                    f"{shards['cuts']}; re-create it or remove the field's other shards"
+                )
+        for index, p in present.items():
+            if index not in by_index:
+                problems.append(f"{name} shard {p} has no matching cuts shard; remove it")
+
+    with ThreadPoolExecutor(max(1, num_threads)) as pool:
+        results = list(pool.map(lambda item: _check_shard(fs, *item), sorted(by_index.items())))
+
+    referenced = {f for r in results for f in r.referenced_fields}
+    for name in sorted(referenced - set(fields)):
+        problems.append(
+            f"cuts in {path} reference field {name!r} but there are no {name}.NNNNNN.tar shards; "
+            f"restore them, or read without it via CutSet.from_shar(fields=...)"
+        )
+    durations = [d for r in results for d in r.durations]
+    rates: dict[str, set[int]] = {}
+    for r in results:
+        problems += r.problems
+        for name, values in r.sample_rates.items():
+            rates.setdefault(name, set()).update(values)
+    return SharReport(
+        path=path,
+        fields={name: len(paths) for name, paths in fields.items()},
+        num_cuts=sum(r.num_cuts for r in results),
+        hours=sum(durations) / 3600,
+        durations=durations,
+        sample_rates={k: sorted(v) for k, v in sorted(rates.items())},
+        custom_fields=sorted({c for r in results for c in r.custom_fields}),
+        problems=problems,
+    )

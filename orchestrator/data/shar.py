@@ -1,0 +1,482 @@
+"""Lhotse Shar, in one place: naming, discovery, reading and writing of shards (pipeline, `data shar`, `data inspect`).
+
+A Shar directory holds numbered shards: `cuts.NNNNNN.jsonl.gz` manifests and one `<field>.NNNNNN.tar` per field
+and shard (`recording`, `target_audio`, ...). A field tar holds, per cut and in manifest order, the encoded data
+(`<cut id>.<format>`) followed by its Lhotse manifest (`<cut id>.json`); a cut without that field has
+`.nodata` / `.nometa` members instead. Readers pair shards by index and tar members by position, checking ids.
+In the cuts manifest, data that lives in the tars is a *placeholder*: a manifest with a `shar` source.
+
+`shar_path` may be:
+- a directory (local, or an fsspec URL such as `s3://bucket/train` when the filesystem can list it),
+- a list of directories (or of `[directory, weight]` pairs, NeMo style),
+- a dict of explicit field lists `{"cuts": [...], "recording": [...], ...}`, for stores that cannot list
+  (plain HTTP) or to read a subset of fields.
+
+Listing happens once on the driver; Ray Data tasks then read whole shards by path (local or fsspec URL).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+import re
+import tarfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from orchestrator.storage import filesystems
+from orchestrator.storage.paths import is_url, join, local_path
+
+# `<field>[.<index>].<extension>`, e.g. cuts.000000.jsonl.gz, recording.000012.tar (lhotse also writes the
+# unsharded cuts.jsonl.gz / recording.tar). Field names never contain dots (lhotse's own rule).
+SHARD_NAME = re.compile(r"^(?P<field>[^./]+)(?:\.(?P<index>\d+))?\.(?P<ext>jsonl\.gz|jsonl|tar)$")
+# Fields the pipeline decodes. Other fields (features, custom arrays) are left unread.
+AUDIO_FIELDS = ("recording", "target_audio")
+DEFAULT_SHARD_SIZE = 200
+
+
+class SharLayoutError(ValueError):
+    """The files of a Shar dataset do not form complete shards."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Naming and discovery
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One Shar shard: its cuts manifest and the file of every audio field, as paths or URLs."""
+
+    cuts: str
+    fields: Mapping[str, str]
+    source: str  # the shar_path entry it came from (for messages)
+    input_index: int = 0  # which input_cfg entry (for tags and mixing weights)
+
+    @property
+    def name(self) -> str:
+        """Short human-readable name used in warnings and errors."""
+        return self.cuts
+
+    @property
+    def has_target_audio(self) -> bool:
+        return "target_audio" in self.fields
+
+
+def shard_index(file_name: str) -> int | None:
+    """The shard number in a Shar file name (-1 for an unsharded file), or None for other files."""
+    match = SHARD_NAME.match(file_name)
+    if match is None:
+        return None
+    return int(match["index"]) if match["index"] is not None else -1
+
+
+def list_fields(path: str) -> dict[str, dict[int, str]]:
+    """`{field: {shard index: path}}` of one Shar directory (local or fsspec URL); other files are ignored."""
+    if not is_url(path):
+        local = Path(local_path(path))
+        if not local.is_dir():
+            raise SharLayoutError(
+                f"shar_path {path!r} is not a directory; give a Shar directory or a dict of field lists"
+            )
+        names = sorted(p.name for p in local.iterdir() if p.is_file())
+    else:
+        try:
+            # Explicit endpoint/credentials, as the read tasks get them (see DatasetPlan.storage_options).
+            fs, root = filesystems.fsspec_filesystem(path)
+            names = sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(root, detail=False))
+        except Exception as exc:
+            raise SharLayoutError(
+                f"cannot list shar_path {path!r} ({type(exc).__name__}: {exc}); for stores that cannot list "
+                "(e.g. plain HTTP), pass explicit field lists: shar_path: {cuts: [...], recording: [...]}"
+            ) from exc
+    fields: dict[str, dict[int, str]] = {}
+    for name in names:
+        match = SHARD_NAME.match(name)
+        if match is None or (match["field"] == "cuts") != match["ext"].startswith("jsonl"):
+            continue
+        fields.setdefault(match["field"], {})[shard_index(name)] = join(path, name)
+    return fields
+
+
+def field_lists(path: str) -> dict[str, list[str]]:
+    """`{field: [shard paths in shard order]}` of one Shar directory: what lhotse's `CutSet.from_shar(fields=...)`
+    takes (its `in_dir=` only globs local paths)."""
+    return {name: [p for _, p in sorted(files.items())] for name, files in sorted(list_fields(path).items())}
+
+
+def find_shar_dirs(path: str) -> list[str]:
+    """Every directory at or below `path` (local or URL) that holds cuts shards (e.g. a demo's splits)."""
+    fs, root = filesystems.fsspec_filesystem(path)
+    if not fs.exists(root):
+        raise FileNotFoundError(f"{path} does not exist")
+    dirs: set[str] = set()
+    for entry in fs.find(root):
+        parent, _, name = entry.rpartition("/")
+        match = SHARD_NAME.match(name)
+        if match and match["field"] == "cuts" and match["ext"].startswith("jsonl"):
+            dirs.add(parent)
+    base = path.rstrip("/")
+    return sorted(base + parent[len(root) :] for parent in dirs)
+
+
+def discover_dir(path: str, input_index: int = 0) -> list[Shard]:
+    """The shards of one Shar directory, in shard-number order, checked for completeness.
+
+    Every field present must have exactly one file per cuts shard, with the same shard numbers; only the
+    audio fields (`recording`, `target_audio`) are kept for reading.
+    """
+    by_field = list_fields(path)
+    cuts = by_field.pop("cuts", {})
+    if not cuts:
+        raise SharLayoutError(
+            f"shar_path {path!r} has no cuts.NNNNNN.jsonl.gz files; is it a Lhotse Shar directory "
+            "(written by CutSet.to_shar)?"
+        )
+    _check_consistent(path, cuts, by_field)
+    if "recording" not in by_field:
+        raise SharLayoutError(
+            f"shar_path {path!r} has no recording.NNNNNN.tar files; the audio must be written into the Shar "
+            "dataset (CutSet.to_shar(..., fields={'recording': 'flac'}))"
+        )
+    audio = {f: files for f, files in by_field.items() if f in AUDIO_FIELDS}
+    return [
+        Shard(cuts=cuts[i], fields={f: files[i] for f, files in audio.items()}, source=path, input_index=input_index)
+        for i in sorted(cuts)
+    ]
+
+
+def _check_consistent(source: str, cuts: dict[int, str], fields: dict[str, dict[int, str]]) -> None:
+    """Raise one error listing every field whose shards do not match the cuts shards one to one."""
+    problems = []
+    for name, files in sorted(fields.items()):
+        if set(files) == set(cuts):
+            continue
+        missing = sorted(set(cuts) - set(files))
+        extra = sorted(set(files) - set(cuts))
+        detail = []
+        if missing:
+            detail.append(f"missing {name} for shard(s) {_fmt_indices(missing)}")
+        if extra:
+            detail.append(f"{name} shard(s) {_fmt_indices(extra)} have no cuts file")
+        problems.append(f"{len(cuts)} cuts shards but {len(files)} {name} shards ({'; '.join(detail)})")
+    if problems:
+        raise SharLayoutError(
+            f"shar_path {source!r} has " + " and ".join(problems) + "; every field needs one shard per cuts shard "
+            "(re-export the dataset or remove the incomplete field files)"
+        )
+
+
+def _fmt_indices(indices: Sequence[int], limit: int = 8) -> str:
+    shown = ", ".join(f"{i:06d}" for i in indices[:limit])
+    return shown + (f", ... ({len(indices)} in all)" if len(indices) > limit else "")
+
+
+def discover_field_lists(fields: Mapping[str, Sequence[str]], input_index: int = 0) -> list[Shard]:
+    """Shards from explicit per-field lists (lhotse's `CutSet.from_shar(fields=...)` convention)."""
+    if "cuts" not in fields:
+        raise SharLayoutError(f"shar_path field lists {sorted(fields)} have no 'cuts' list; add cuts: [...]")
+    cuts = list(fields["cuts"])
+    problems = [
+        f"{len(cuts)} cuts shards but {len(paths)} {name} shards"
+        for name, paths in sorted(fields.items())
+        if name != "cuts" and len(paths) != len(cuts)
+    ]
+    if problems:
+        raise SharLayoutError(
+            "shar_path field lists have " + " and ".join(problems) + "; every field needs one shard per cuts shard, "
+            "listed in the same order"
+        )
+    if "recording" not in fields:
+        raise SharLayoutError(f"shar_path field lists {sorted(fields)} have no 'recording' list; add recording: [...]")
+    audio = {f: list(p) for f, p in fields.items() if f in AUDIO_FIELDS}
+    source = f"{{cuts: [{cuts[0]}, ...]}}" if cuts else "{cuts: []}"
+    return [
+        Shard(cuts=str(c), fields={f: str(p[i]) for f, p in audio.items()}, source=source, input_index=input_index)
+        for i, c in enumerate(cuts)
+    ]
+
+
+def discover_shards(shar_path: Any, input_index: int = 0) -> list[tuple[list[Shard], float]]:
+    """Every shard that `shar_path` names, grouped per directory with its mixing weight.
+
+    Returns a list of `(shards, weight)`: one entry per directory (weight 1.0 unless given as a NeMo-style
+    `[dir, weight]` pair) or per dict of field lists.
+    """
+    if shar_path is None:
+        raise SharLayoutError("shar_path is not set; give a Shar directory, a list of them, or field lists")
+    if isinstance(shar_path, Mapping):
+        return [(discover_field_lists(shar_path, input_index), 1.0)]
+    if isinstance(shar_path, (str, Path)):
+        shards = discover_dir(str(shar_path), input_index)
+        return [(shards, 1.0)]
+    if isinstance(shar_path, Sequence):
+        groups: list[tuple[list[Shard], float]] = []
+        for entry in shar_path:
+            if isinstance(entry, Sequence) and not isinstance(entry, str) and len(entry) == 2:
+                path, weight = entry
+                groups.append((discover_dir(str(path), input_index), float(weight)))
+            else:
+                groups.extend(discover_shards(entry, input_index))
+        if not groups:
+            raise SharLayoutError("shar_path is an empty list; give at least one Shar directory")
+        return groups
+    raise SharLayoutError(
+        f"shar_path {shar_path!r} has type {type(shar_path).__name__}; expected a directory, a list of them, "
+        "or a dict of field lists"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Placeholders: which cut attributes are data stored in the field tars
+# ----------------------------------------------------------------------------------------------
+
+
+def is_manifest(value: Any) -> bool:
+    """A serialised Lhotse manifest (Recording, Array, Features): a data field of a cut, not a plain attribute."""
+    return isinstance(value, dict) and ("sources" in value or "storage_type" in value or "array" in value)
+
+
+def is_shar_placeholder(value: Any) -> bool:
+    """A manifest whose data is stored in this Shar set's field tars (not in a file elsewhere)."""
+    if not is_manifest(value):
+        return False
+    sources = value.get("sources") or []
+    return value.get("storage_type") == "shar" or any(s.get("type") == "shar" for s in sources)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TarEntry:
+    """One cut's member pair in a field tar: the encoded data and its manifest (None for `.nodata`)."""
+
+    cut_id: str
+    data: bytes | None
+    manifest: bytes | None
+
+
+def read_manifest(path: str, storage_options: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Every cut of a cuts manifest (`.jsonl.gz` or `.jsonl`), as plain dicts."""
+    raw = filesystems.read_bytes(path, storage_options)
+    if path.endswith(".gz"):
+        raw = gzip.decompress(raw)
+    return [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
+
+
+def iter_tar_entries(raw: bytes | io.BufferedIOBase) -> Iterator[TarEntry]:
+    """The (data, manifest) member pairs of a field tar, in archive order (lhotse's own pairwise reader)."""
+    from lhotse.shar.readers.tar import iterate_tarfile_pairwise
+
+    fileobj = io.BytesIO(raw) if isinstance(raw, bytes) else raw
+    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        for (data, data_path), (manifest, _) in iterate_tarfile_pairwise(tar):
+            name = PurePosixPath(data_path)
+            yield TarEntry(str(name.with_suffix("")), data, manifest)
+
+
+@dataclass
+class SharCut:
+    """One cut's metadata and still-encoded audio, as read from a shard (decoded only when batched)."""
+
+    id: str
+    duration: float
+    text: str
+    supervisions: list[dict[str, Any]]
+    custom: dict[str, Any]
+    audio: dict[str, TarEntry]  # field -> its tar entry
+    item: int  # the pipeline's work item this cut was read for (see orchestrator.data.plan)
+    input_index: int
+    shard: str
+
+
+class CorruptShardError(RuntimeError):
+    """A shard cannot be read; fatal only with `skip_corrupt: false`."""
+
+
+def read_shard(
+    shard: Shard, item: int = 0, storage_options: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[SharCut]:
+    """Every cut of `shard` with its encoded audio, or CorruptShardError naming the shard and the cause.
+
+    The whole shard is read before any cut is used, so a truncated tar or a garbled manifest skips the shard
+    as a unit instead of yielding a prefix of it. storage_options: see DatasetPlan (None: this process's env).
+    """
+    try:
+        cuts = read_manifest(shard.cuts, storage_options)
+    except Exception as exc:  # gzip, JSON, IO and network errors all mean "corrupt shard"
+        raise CorruptShardError(f"{shard.cuts}: cannot read the cuts manifest ({type(exc).__name__}: {exc})") from exc
+    fields: dict[str, list[TarEntry]] = {}
+    for name, path in shard.fields.items():
+        try:
+            fields[name] = list(iter_tar_entries(filesystems.read_bytes(path, storage_options)))
+        except Exception as exc:
+            raise CorruptShardError(f"{path}: cannot read the {name} tar ({type(exc).__name__}: {exc})") from exc
+        if len(fields[name]) != len(cuts):
+            raise CorruptShardError(
+                f"{path}: {len(fields[name])} {name} entries but {len(cuts)} cuts in {shard.cuts}; "
+                "the shard is truncated or its files come from different exports"
+            )
+    out: list[SharCut] = []
+    for idx, cut in enumerate(cuts):
+        audio: dict[str, TarEntry] = {}
+        for name, entries in fields.items():
+            entry = entries[idx]
+            if entry.cut_id != cut.get("id"):
+                raise CorruptShardError(
+                    f"{shard.fields[name]}: entry {idx} is {entry.cut_id!r} but cut {idx} of {shard.cuts} is "
+                    f"{cut.get('id')!r}; the {name} tar and the cuts manifest are out of step"
+                )
+            if entry.data is not None:
+                audio[name] = entry
+        sups = cut.get("supervisions") or []
+        out.append(
+            SharCut(
+                id=str(cut.get("id")),
+                duration=float(cut["duration"]) if "duration" in cut else math.nan,
+                text=" ".join(t for s in sups if (t := (s.get("text") or "").strip())),
+                supervisions=[
+                    {
+                        "speaker": s.get("speaker"),
+                        "start": float(s.get("start", 0.0)),
+                        "duration": float(s.get("duration", 0.0)),
+                        "text": s.get("text") or "",
+                    }
+                    for s in sups
+                ],
+                custom={k: v for k, v in (cut.get("custom") or {}).items() if not is_manifest(v)},
+                audio=audio,
+                item=item,
+                input_index=shard.input_index,
+                shard=shard.cuts,
+            )
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+
+
+def safe_cut_id(raw: str) -> str:
+    """A cut id Shar can round-trip: lhotse's tar reader splits member names at the first dot."""
+    return re.sub(r"[.\s/\\]+", "_", raw).strip("_") or "cut"
+
+
+def encode_audio(audio: np.ndarray, sampling_rate: int, audio_format: str = "flac") -> bytes:
+    """Encode a float mono array the way lhotse's Shar writer does (16-bit for FLAC/WAV).
+
+    Cheap to call in worker processes: needs soundfile only, not lhotse or torch.
+    """
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.asarray(audio, dtype=np.float32), sampling_rate, format=audio_format.upper())
+    return buf.getvalue()
+
+
+def shar_recording(recording_id: str, sampling_rate: int, num_samples: int):
+    """A Recording manifest whose audio lives in a Shar tar (what lhotse writes into the cuts)."""
+    from lhotse import AudioSource, Recording
+
+    return Recording(
+        id=recording_id,
+        sources=[AudioSource(type="shar", channels=[0], source="")],
+        sampling_rate=sampling_rate,
+        num_samples=num_samples,
+        duration=num_samples / sampling_rate,
+    )
+
+
+class EncodedSharWriter:
+    """Writes Shar from audio that is already encoded, e.g. FLAC made in worker processes.
+
+    lhotse's ``SharWriter`` decodes each cut's audio and encodes it again in the writing process;
+    for synthetic data that round trip is the bottleneck. This writer produces the same files with
+    lhotse's own shard writers: per cut, ``<id>.<format>`` + ``<id>.json`` in each field tar and the
+    cut (whose recordings are ``shar_recording`` placeholders) in the cuts jsonl.
+    """
+
+    def __init__(self, out_dir: str | Path, fields: dict[str, str], shard_size: int = DEFAULT_SHARD_SIZE) -> None:
+        from lhotse.shar.writers.cut import JsonlShardWriter
+        from lhotse.shar.writers.tar import TarWriter
+
+        out = _empty_shar_dir(out_dir)
+        self.fields = dict(fields)
+        self._cuts = JsonlShardWriter(f"{out}/cuts.%06d.jsonl.gz", shard_size)
+        self._tars = {name: TarWriter(f"{out}/{name}.%06d.tar", shard_size) for name in fields}
+
+    def __enter__(self) -> EncodedSharWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for writer in (self._cuts, *self._tars.values()):
+            writer.close()
+
+    @property
+    def output_paths(self) -> dict[str, list[str]]:
+        return {"cuts": self._cuts.output_paths, **{k: w.output_paths for k, w in self._tars.items()}}
+
+    def write(self, cut, encoded: dict[str, bytes]) -> None:
+        """Write ``cut`` plus one encoded blob per field (``recording`` or a custom Recording field)."""
+        _check_cut_id(cut.id)
+        for name, tar in self._tars.items():
+            manifest = cut.recording if name == "recording" else cut.custom[name]
+            tar.write(f"{cut.id}.{self.fields[name]}", io.BytesIO(encoded[name]))
+            tar.write(f"{cut.id}.json", io.BytesIO(json.dumps(manifest.to_dict()).encode() + b"\n"), count=False)
+        self._cuts.write(cut)
+
+
+def _empty_shar_dir(out_dir: str | Path) -> Path:
+    """Create ``out_dir``; refuse one that holds shards, since readers would mix old and new ones."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    existing = sorted(p.name for p in out.iterdir() if SHARD_NAME.match(p.name))
+    if existing:
+        raise FileExistsError(
+            f"{out} already holds Shar files ({existing[0]}, ...); remove them or choose another output directory"
+        )
+    return out
+
+
+def _check_cut_id(cut_id: str) -> None:
+    if "." in cut_id:
+        raise ValueError(
+            f"cut id {cut_id!r} contains a dot, which lhotse's Shar reader mis-splits; rename it (see safe_cut_id)"
+        )
+
+
+def write_shar(
+    cuts: Iterable,
+    out_dir: str | Path,
+    fields: dict[str, str],
+    shard_size: int = DEFAULT_SHARD_SIZE,
+) -> dict[str, list[str]]:
+    """Write cuts (with audio attached) as Shar into ``out_dir``; returns the shard paths per field.
+
+    ``fields`` maps field name to format, e.g. ``{"recording": "flac", "target_audio": "flac"}``.
+    Refuses a directory that already holds shards, since readers would mix old and new shards.
+    """
+    from lhotse.shar import SharWriter
+
+    out = _empty_shar_dir(out_dir)
+    with SharWriter(str(out), fields=fields, shard_size=shard_size) as writer:
+        for cut in cuts:
+            _check_cut_id(cut.id)
+            writer.write(cut)
+    return writer.output_paths
+
+

@@ -1,0 +1,284 @@
+"""The checkpoint format, in one place: how a checkpoint is written, found, checked and read back (DDP and FSDP2).
+
+A run directory holds one checkpoint directory per validation; a checkpoint directory (one per validation, named like NeMo's `{step}` filename) contains:
+- `weights.safetensors`: trainable parameters and all buffers (frozen pretrained weights come from the
+  `pretrained_*` sources again, so a LoRA checkpoint stays small);
+- `trainer_state.pt`: optimizer and LR-scheduler state;
+- `state.json`: step, metrics at that step, format version;
+- `config.yaml`: the resolved experiment config, so the checkpoint alone can rebuild the model;
+- `data_position.rank<R>.json`: where each rank's data stream was, so a resumed run does not re-read the epoch.
+
+A checkpoint is complete once `state.json` exists; listing skips incomplete ones. Checkpoints may live on local
+disk or object storage (read through the same pyarrow filesystem Ray Train writes with).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from orchestrator.storage import filesystems
+from orchestrator.storage.paths import is_url, join
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.safetensors"
+TRAINER_STATE_FILE = "trainer_state.pt"
+STATE_FILE = "state.json"
+CONFIG_FILE = "config.yaml"
+DATA_POSITION_PREFIX = "data_position.rank"
+CHECKPOINT_DIR = re.compile(r"^step=(\d+)")
+# Every checkpoint file a model needs (a remote checkpoint is copied down for loading).
+_MODEL_FILES = (WEIGHTS_FILE, STATE_FILE, CONFIG_FILE)
+_EMPTY_CHECKPOINT_HINT = (
+    "Checkpoints of multi-worker (DDP) runs came out empty while the checkpoint writer compared DDP's "
+    "'module.'-prefixed parameter names with the unprefixed state-dict keys; retrain once that is fixed "
+    "(single-worker runs were not affected)."
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the directory and the problem."""
+
+
+@dataclass
+class TrainingState:
+    """The loop's position: restored from a checkpoint or fresh."""
+
+    step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    data_position: dict[str, Any] | None = None
+
+
+def checkpoint_dir_name(step: int, pattern: str = "{step}") -> str:
+    """NeMo's `checkpoint_callback_params.filename` ("{step}") rendered as `step=<step>`."""
+    return pattern.replace("{step}", f"step={step:07d}").replace("/", "_")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP wrapper (whose parameter names carry a `module.` prefix); FSDP2 keeps names."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def trainable_names(model: torch.nn.Module) -> set[str]:
+    return {name for name, p in unwrap(model).named_parameters() if p.requires_grad}
+
+
+def _kept_model_state(model: torch.nn.Module, full_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # `get_state_dict` returns unprefixed names, so compare them with the unwrapped model's names.
+    trainable = trainable_names(model)
+    buffers = {name for name, _ in unwrap(model).named_buffers()}
+    kept = {k: v.detach().contiguous().cpu() for k, v in full_state.items() if k in trainable or k in buffers}
+    missing = trainable - kept.keys()
+    if missing:
+        raise CheckpointError(
+            f"{len(missing)} trainable parameters are missing from the state dict: {sorted(missing)[:3]}"
+        )
+    return kept
+
+
+def save_checkpoint(
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainingState,
+    config_yaml: str,
+    write_model: bool,
+    rank: int,
+) -> None:
+    """Write this rank's part of a checkpoint into `directory` (rank 0 writes the model and trainer state).
+
+    `get_state_dict` with full_state_dict gathers FSDP2 shards and unwraps DDP, so every rank must call it.
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    directory.mkdir(parents=True, exist_ok=True)
+    if write_model:
+        save_file(_kept_model_state(model, model_state), str(directory / WEIGHTS_FILE))
+        torch.save(
+            {"optimizer": optim_state, "scheduler": scheduler.state_dict() if scheduler else None},
+            directory / TRAINER_STATE_FILE,
+        )
+        (directory / STATE_FILE).write_text(
+            json.dumps({"format_version": FORMAT_VERSION, "step": state.step, "metrics": state.metrics}, indent=2)
+        )
+        (directory / CONFIG_FILE).write_text(config_yaml)
+    if state.data_position is not None:
+        (directory / f"{DATA_POSITION_PREFIX}{rank}.json").write_text(json.dumps(state.data_position))
+
+
+def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
+    """Load a checkpoint's weights into an unwrapped model; every saved tensor must find its parameter."""
+    saved = load_file(str(directory / WEIGHTS_FILE))
+    result = model.load_state_dict(saved, strict=False)
+    if result.unexpected_keys:
+        raise CheckpointError(
+            f"{directory}: {len(result.unexpected_keys)} saved tensors have no parameter in this model "
+            f"(e.g. {result.unexpected_keys[:3]}); the model config differs from the one the checkpoint was made with"
+        )
+
+
+def load_checkpoint(
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rank: int,
+) -> TrainingState:
+    """Restore model, optimizer and scheduler in place (works for DDP- and FSDP2-wrapped models)."""
+    state = read_saved_state(str(directory))
+    saved_weights = load_file(str(directory / WEIGHTS_FILE))
+    missing = trainable_names(model) - saved_weights.keys()
+    if missing:
+        raise CheckpointError(
+            f"{directory}: {len(missing)} trainable parameters have no saved tensor (e.g. {sorted(missing)[:3]}); "
+            "the checkpoint is incomplete or was made with another model config; resume from another checkpoint "
+            "(exp_manager.resume_from_checkpoint) or start a new run"
+        )
+    trainer_state = torch.load(directory / TRAINER_STATE_FILE, map_location="cpu", weights_only=False)
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_state_dict(
+        model, optimizer, model_state_dict=saved_weights, optim_state_dict=trainer_state["optimizer"], options=options
+    )
+    if scheduler is not None and trainer_state["scheduler"] is not None:
+        scheduler.load_state_dict(trainer_state["scheduler"])
+    position_file = directory / f"{DATA_POSITION_PREFIX}{rank}.json"
+    data_position = json.loads(position_file.read_text()) if position_file.is_file() else None
+    return TrainingState(step=int(state["step"]), metrics=state.get("metrics", {}), data_position=data_position)
+
+
+def resume_data_position(checkpoint_path: str):
+    """The data position a resumed run starts from: every rank's saved position, merged conservatively.
+
+    Read on the driver (before the Ray Data pipeline is built), from a local dir or an object-store URL.
+    """
+    from orchestrator.data.position import DataPosition, merge_positions
+
+    files = filesystems.list_names(checkpoint_path, prefix=DATA_POSITION_PREFIX)
+    positions = [DataPosition.from_dict(json.loads(filesystems.read_text(join(checkpoint_path, f)))) for f in files]
+    return merge_positions(positions) if positions else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding checkpoints in a run directory
+# ----------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint in `run_dir`, oldest first."""
+    found = []
+    for name in filesystems.list_names(run_dir, dirs_only=True):
+        match = CHECKPOINT_DIR.match(name)
+        path = join(run_dir, name)
+        if match and filesystems.is_file(join(path, STATE_FILE)):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest complete checkpoint (Ray always keeps the latest besides the top-k), or None."""
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def is_checkpoint(path: str) -> bool:
+    return filesystems.exists(join(path, STATE_FILE))
+
+
+def read_saved_state(path: str) -> dict[str, Any]:
+    """state.json of a checkpoint (local or URL): step, metrics, format version (checked)."""
+    state_path = join(path, STATE_FILE)
+    if not filesystems.is_file(state_path):
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this project (no {STATE_FILE}); point at a step=... directory "
+            "inside the run's checkpoint folder"
+        )
+    state = json.loads(filesystems.read_text(state_path))
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {state.get('format_version')} is not {FORMAT_VERSION}")
+    return state
+
+
+def read_saved_config(path: str) -> dict[str, Any]:
+    """The resolved experiment config saved with a checkpoint, as plain data (validate it before use)."""
+    import yaml
+
+    config_path = join(path, CONFIG_FILE)
+    if not filesystems.exists(config_path):
+        raise CheckpointError(f"{path}: no {CONFIG_FILE}; the checkpoint cannot rebuild its model without it")
+    return yaml.safe_load(filesystems.read_text(config_path))
+
+
+def pick_checkpoint(run_dir: str, which: Literal["best", "latest"], monitor: str, mode: str) -> str | None:
+    """The latest checkpoint of `run_dir`, or its best by `monitor` (ties go to the later step; the latest when
+    no checkpoint reports `monitor`). None when the run has no checkpoint."""
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        return None
+    if which == "latest":
+        return checkpoints[-1][1]
+    scored = []
+    for step, path in checkpoints:
+        metrics = read_saved_state(path).get("metrics", {})
+        if monitor in metrics:
+            scored.append((float(metrics[monitor]), step, path))
+    if not scored:
+        return checkpoints[-1][1]
+    best = min(scored, key=lambda s: (s[0], -s[1])) if mode == "min" else max(scored, key=lambda s: s[:2])
+    return best[2]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a trained model's weights (inference)
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def local_copy(path: str) -> Iterator[Path]:
+    """A local directory with the checkpoint's model files (a temporary copy for object-store URLs)."""
+    if not is_url(path):
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="speechlm-ckpt-") as tmp:
+        for name in _MODEL_FILES:
+            (Path(tmp) / name).write_bytes(filesystems.read_bytes(join(path, name)))
+        yield Path(tmp)
+
+
+def check_has_weights(directory: Path) -> None:
+    """Fail before building anything when a checkpoint holds no weights at all (see `check_weights`)."""
+    from safetensors import safe_open
+
+    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as f:
+        if not list(f.keys()):
+            raise CheckpointError(
+                f"{directory / WEIGHTS_FILE} holds no tensors, so this checkpoint cannot reproduce the trained "
+                f"model. {_EMPTY_CHECKPOINT_HINT}"
+            )
+
+
+def check_weights(directory: Path, model: torch.nn.Module) -> None:
+    """Every trainable parameter must be in the checkpoint: a checkpoint that lacks some would silently
+    leave them at their random (or pretrained) initial values."""
+    from safetensors import safe_open
+
+    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as f:
+        saved = set(f.keys())
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    missing = [name for name in trainable if name not in saved]
+    if missing:
+        raise CheckpointError(
+            f"{directory}: {WEIGHTS_FILE} holds {len(saved)} tensors but {len(missing)} of the model's "
+            f"{len(trainable)} trainable parameters are missing (e.g. {missing[:3]}), so it cannot reproduce the "
+            f"trained model. {_EMPTY_CHECKPOINT_HINT}"
+        )
