@@ -55,6 +55,31 @@ DEFAULT_TINY_CORPUS: tuple[str, ...] = (
 
 # Written last into the directory; its presence (with matching parameters) makes a rebuild a no-op.
 _STAMP = "tiny_llm_build.json"
+_CODEC_STAMP = "tiny_codec_build.json"
+
+
+def check_replaceable(out_dir: str | os.PathLike, builder: str = "llm") -> None:
+    """Raise FileExistsError unless `out_dir` is absent, empty, or was made by this builder (`builder`: "llm"
+    or "codec"): a rebuild replaces the directory, and must never delete something a user put there."""
+    out = Path(out_dir)
+    stamp = out / (_STAMP if builder == "llm" else _CODEC_STAMP)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(
+            f"{out} exists and is a file, not a tiny {builder} directory; move it or pick another path"
+        )
+    if out.is_dir() and any(out.iterdir()) and not stamp.is_file():
+        raise FileExistsError(
+            f"{out} exists, is not empty and was not made by build_tiny_{builder}_dir (no {stamp.name}); "
+            "nothing was changed: move it away or pick another output directory"
+        )
+
+
+def _move_into_place(tmp: Path, out: Path, builder: str) -> None:
+    """Replace `out` (absent, empty or ours: checked again right before deleting) with the finished `tmp`."""
+    check_replaceable(out, builder)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
 
 
 def build_tiny_llm_dir(
@@ -80,10 +105,7 @@ def build_tiny_llm_dir(
     stamp = out / _STAMP
     if stamp.exists() and json.loads(stamp.read_text()) == params:
         return out
-    if out.exists() and any(out.iterdir()) and not stamp.exists():
-        raise FileExistsError(
-            f"{out} exists, is not empty and was not made by build_tiny_llm_dir; remove it or pick another out_dir"
-        )
+    check_replaceable(out, "llm")
 
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -122,9 +144,7 @@ def build_tiny_llm_dir(
         hf_tok.save_pretrained(tmp)
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / _STAMP).write_text(json.dumps(params))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        _move_into_place(tmp, out, "llm")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -220,8 +240,8 @@ def build_tiny_codec_dir(out_dir: str | os.PathLike, kind: str = "dac", seed: in
     """Save a seeded random tiny transformers codec (``TINY_CODECS[kind]``) with ``save_pretrained``.
 
     Loaded back by path through ``AutoModel.from_pretrained`` like a real codec. Like ``build_tiny_llm_dir``
-    it is built in a temporary sibling and renamed into place (replacing what was there); a second call with
-    the same arguments is a no-op.
+    it is built in a temporary sibling and renamed into place (replacing an earlier tiny codec, never a
+    directory it did not make); a second call with the same arguments is a no-op.
     """
     import torch
     from transformers import AutoConfig, AutoModel
@@ -230,9 +250,10 @@ def build_tiny_codec_dir(out_dir: str | os.PathLike, kind: str = "dac", seed: in
         raise ValueError(f"tiny codec kind {kind!r} is unknown; choose one of {sorted(TINY_CODECS)}")
     out = Path(out_dir)
     params = {"kind": kind, "seed": seed, **TINY_CODECS[kind]}
-    stamp = out / "tiny_codec_build.json"
+    stamp = out / _CODEC_STAMP
     if stamp.exists() and json.loads(stamp.read_text()) == params:
         return out
+    check_replaceable(out, "codec")
     model_type = kind.split("_")[0]  # "dac_16k" -> "dac"
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
@@ -243,9 +264,7 @@ def build_tiny_codec_dir(out_dir: str | os.PathLike, kind: str = "dac", seed: in
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / stamp.name).write_text(json.dumps(params))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        _move_into_place(tmp, out, "codec")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

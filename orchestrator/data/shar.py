@@ -17,6 +17,7 @@ Listing happens once on the driver; Ray Data tasks then read whole shards by pat
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from orchestrator.storage import filesystems
+from orchestrator.storage.atomic import atomic_dir
 from orchestrator.storage.paths import is_url, join, local_path
 
 # `<field>[.<index>].<extension>`, e.g. cuts.000000.jsonl.gz, recording.000012.tar (lhotse also writes the
@@ -404,31 +406,40 @@ class EncodedSharWriter:
     lhotse's ``SharWriter`` decodes each cut's audio and encodes it again in the writing process;
     for synthetic data that round trip is the bottleneck. This writer produces the same files with
     lhotse's own shard writers: per cut, ``<id>.<format>`` + ``<id>.json`` in each field tar and the
-    cut (whose recordings are ``shar_recording`` placeholders) in the cuts jsonl.
+    cut (whose recordings are ``shar_recording`` placeholders) in the cuts jsonl. Like ``write_shar`` it
+    writes atomically: the set appears in ``out_dir`` when the writer is closed without an error.
     """
 
-    def __init__(self, out_dir: str | Path, fields: dict[str, str], shard_size: int = DEFAULT_SHARD_SIZE) -> None:
+    def __init__(
+        self, out_dir: str | Path, fields: dict[str, str], shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False
+    ) -> None:
         from lhotse.shar.writers.cut import JsonlShardWriter
         from lhotse.shar.writers.tar import TarWriter
 
-        out = _empty_shar_dir(out_dir)
+        self.out_dir = Path(out_dir)
+        self._stack = contextlib.ExitStack()
+        tmp = self._stack.enter_context(atomic_shar_dir(out_dir, overwrite))
+        self._tmp = tmp
         self.fields = dict(fields)
-        self._cuts = JsonlShardWriter(f"{out}/cuts.%06d.jsonl.gz", shard_size)
-        self._tars = {name: TarWriter(f"{out}/{name}.%06d.tar", shard_size) for name in fields}
+        self._cuts = JsonlShardWriter(f"{tmp}/cuts.%06d.jsonl.gz", shard_size)
+        self._tars = {name: TarWriter(f"{tmp}/{name}.%06d.tar", shard_size) for name in fields}
 
     def __enter__(self) -> EncodedSharWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
         for writer in (self._cuts, *self._tars.values()):
             writer.close()
+        self._stack.__exit__(*exc)
+
+    def close(self) -> None:
+        """Finish the last shards and move the set into place."""
+        self.__exit__(None, None, None)
 
     @property
     def output_paths(self) -> dict[str, list[str]]:
-        return {"cuts": self._cuts.output_paths, **{k: w.output_paths for k, w in self._tars.items()}}
+        paths = {"cuts": self._cuts.output_paths, **{k: w.output_paths for k, w in self._tars.items()}}
+        return _final_paths(paths, self._tmp, self.out_dir)
 
     def write(self, cut, encoded: dict[str, bytes]) -> None:
         """Write ``cut`` plus one encoded blob per field (``recording`` or a custom Recording field)."""
@@ -440,16 +451,37 @@ class EncodedSharWriter:
         self._cuts.write(cut)
 
 
-def _empty_shar_dir(out_dir: str | Path) -> Path:
-    """Create ``out_dir``; refuse one that holds shards, since readers would mix old and new ones."""
+def _is_shar_file(name: str) -> bool:
+    return SHARD_NAME.match(name) is not None
+
+
+def _is_cuts_file(name: str) -> bool:
+    return name.startswith("cuts.") and _is_shar_file(name)
+
+
+@contextlib.contextmanager
+def atomic_shar_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A directory to write a Shar set into, moved to ``out_dir`` once complete (`storage.atomic.atomic_dir`).
+
+    A directory that already holds shards is refused (readers would mix old and new ones) unless ``overwrite``,
+    which replaces exactly those shard files, and only once the new set is complete. Other files in
+    ``out_dir`` stay. Cuts manifests are moved in last, so an interrupted move never looks like a whole shard.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    existing = sorted(p.name for p in out.iterdir() if SHARD_NAME.match(p.name))
-    if existing:
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; give a directory for the Shar set")
+    existing = sorted(p.name for p in out.iterdir() if _is_shar_file(p.name)) if out.is_dir() else []
+    if existing and not overwrite:
         raise FileExistsError(
-            f"{out} already holds Shar files ({existing[0]}, ...); remove them or choose another output directory"
+            f"{out} already holds Shar files ({existing[0]}, ...); choose another output directory, or pass "
+            "--overwrite to replace them (they are replaced only once the new set is complete)"
         )
-    return out
+    with atomic_dir(out, merge_into_existing=True, last=_is_cuts_file, replace=_is_shar_file) as tmp:
+        yield tmp
+
+
+def _final_paths(paths: dict[str, list[str]], tmp: Path, out: Path) -> dict[str, list[str]]:
+    return {k: [str(out / Path(p).name) if Path(p).parent == tmp else p for p in v] for k, v in paths.items()}
 
 
 def _check_cut_id(cut_id: str) -> None:
@@ -464,19 +496,20 @@ def write_shar(
     out_dir: str | Path,
     fields: dict[str, str],
     shard_size: int = DEFAULT_SHARD_SIZE,
+    overwrite: bool = False,
 ) -> dict[str, list[str]]:
-    """Write cuts (with audio attached) as Shar into ``out_dir``; returns the shard paths per field.
+    """Write cuts (with audio attached) as Shar into ``out_dir``, atomically; returns the shard paths per field.
 
     ``fields`` maps field name to format, e.g. ``{"recording": "flac", "target_audio": "flac"}``.
-    Refuses a directory that already holds shards, since readers would mix old and new shards.
+    Refuses a directory that already holds shards unless ``overwrite`` (see ``atomic_shar_dir``).
     """
     from lhotse.shar import SharWriter
 
-    out = _empty_shar_dir(out_dir)
-    with SharWriter(str(out), fields=fields, shard_size=shard_size) as writer:
-        for cut in cuts:
-            _check_cut_id(cut.id)
-            writer.write(cut)
-    return writer.output_paths
-
-
+    if shard_size < 1:
+        raise ValueError(f"shard size {shard_size} must be at least 1 (cuts per shard)")
+    with atomic_shar_dir(out_dir, overwrite) as tmp:
+        with SharWriter(str(tmp), fields=fields, shard_size=shard_size) as writer:
+            for cut in cuts:
+                _check_cut_id(cut.id)
+                writer.write(cut)
+        return _final_paths(writer.output_paths, tmp, Path(out_dir))

@@ -8,8 +8,8 @@ Layout (other parts of the project rely on it)::
     <out>/s2s/{train,val,test}/ Shar: cuts + recording (user, 16 kHz) + target_audio (agent, 22.05 kHz)
     <out>/DONE.json             written last
 
-Each split is written into a hidden ``.<split>.partial`` directory and renamed when complete, so a
-re-run skips finished splits and redoes interrupted ones. Everything is a function of the seed:
+Each split is written into a hidden ``.<split>.partial`` directory and renamed when complete
+(``storage.atomic``), so a re-run skips finished splits and redoes interrupted ones. Everything is a function of the seed:
 job lists come from seeded RNGs and eSpeak audio is a pure function of (text, voice style).
 
 Speed: workers synthesise, resample and FLAC-encode; the main process only writes tar members and
@@ -23,7 +23,6 @@ import itertools
 import json
 import math
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from orchestrator.demo import grammar, synth
+from orchestrator.storage import atomic
 from speech_models.audio import resample_array
 
 USER_SAMPLE_RATE = 16000
@@ -304,19 +304,15 @@ def write_demo_split(
     from orchestrator.data.shar import EncodedSharWriter
 
     spec = TASKS[task]
-    out = Path(out_dir)
-    partial = out.parent / f".{out.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
     cuts, seconds = 0, 0.0
     with (
         tqdm(total=round(target_s), unit="s", desc=f"{task}/{split}", disable=not progress) as bar,
-        EncodedSharWriter(partial, spec["fields"], shard_size) as writer,
+        EncodedSharWriter(out_dir, spec["fields"], shard_size) as writer,  # atomic: appears when complete
     ):
         for job, encoded in _encoded_stream(spec["jobs"](split, seed), spec["encode"], pool, target_s, min_cuts):
             writer.write(shar_cut(job, encoded), encoded.audio)
             cuts, seconds = cuts + 1, seconds + encoded.duration
             bar.update(round(seconds) - bar.n)
-    partial.rename(out)
     return SplitSummary(cuts, seconds / 3600)
 
 
@@ -357,10 +353,17 @@ def make_demo_assets(
     ``hours`` is the ASR train size; val/test get 5% of it each (at least ``min_heldout_cuts``
     cuts); S2S train gets ``s2s_hours`` (default ``hours / 2``) of conversation.
     """
-    from speech_models.testing import build_tiny_codec_dir, build_tiny_llm_dir
+    from speech_models.testing import build_tiny_codec_dir, build_tiny_llm_dir, check_replaceable
 
     started = time.perf_counter()
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; give a directory for the demo assets")
+    if shard_size < 1:
+        raise ValueError(f"--shard-size {shard_size} must be at least 1 (cuts per shard)")
+    # llm/ and codec/ are replaced when rebuilt: refuse now, before minutes of synthesis, if they are not ours.
+    check_replaceable(out / "llm", "llm")
+    check_replaceable(out / "codec", "codec")
     out.mkdir(parents=True, exist_ok=True)
     s2s_hours = hours / 2 if s2s_hours is None else s2s_hours
     params = {
@@ -380,7 +383,7 @@ def make_demo_assets(
                 "remove the directory or choose another --out"
             )
     else:
-        params_file.write_text(json.dumps(params, indent=1))
+        atomic.write_text(params_file, json.dumps(params, indent=1))
     (out / "DONE.json").unlink(missing_ok=True)
 
     summary = DemoSummary(out_dir=str(out), seed=seed, hours=hours)
@@ -430,5 +433,5 @@ def make_demo_assets(
         "audio_hours_made": round(summary.audio_hours_made, 4),
         "seconds": round(summary.seconds, 2),
     }
-    (out / "DONE.json").write_text(json.dumps(done, indent=1))
+    atomic.write_text(out / "DONE.json", json.dumps(done, indent=1))
     return summary
