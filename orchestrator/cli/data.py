@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, bad_input
+from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, bad_input, positive_float, positive_int
 
 # Errors a user fixes by changing arguments or files; anything else is a bug and keeps its traceback.
 _INPUT_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError)
@@ -38,10 +38,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_shar(args: argparse.Namespace) -> int:
     from orchestrator.data.convert import convert_audio_dir_to_shar, convert_manifest_to_shar
 
-    common = dict(shard_size=args.shard_size, sample_rate=args.sample_rate, audio_format=args.format)
+    common = dict(
+        shard_size=args.shard_size, sample_rate=args.sample_rate, audio_format=args.format, overwrite=args.overwrite
+    )
+    if args.allow_command_sources and not args.manifest:
+        return bad_input("--allow-command-sources only applies to --manifest")
     try:
         if args.manifest:
-            summary = convert_manifest_to_shar(args.manifest, args.out, **common)
+            summary = convert_manifest_to_shar(
+                args.manifest, args.out, allow_commands=args.allow_command_sources, **common
+            )
         else:
             summary = convert_audio_dir_to_shar(args.wav_dir, args.out, language=args.language, **common)
     except _INPUT_ERRORS as err:
@@ -53,16 +59,23 @@ def cmd_shar(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from orchestrator.data.inspect import inspect_shar
     from orchestrator.data.shar import find_shar_dirs
+    from orchestrator.storage.atomic import is_partial_dir, partial_dir_for
+    from orchestrator.storage.paths import is_url
 
     try:
         shar_dirs = find_shar_dirs(args.path)
     except FileNotFoundError as err:
+        if not is_url(args.path) and is_partial_dir(partial_dir_for(args.path)):
+            return bad_input(
+                f"{args.path} does not exist: the write that makes it was interrupted and left "
+                f"{partial_dir_for(args.path)}; re-run that command (it starts over)"
+            )
         return bad_input(err)
     if not shar_dirs:
         return bad_input(f"no Shar data (cuts.NNNNNN.jsonl.gz) at or below {args.path}")
     broken = []
     for shar_dir in shar_dirs:
-        report = inspect_shar(shar_dir, num_threads=args.threads)
+        report = inspect_shar(shar_dir, num_threads=args.threads, decode=not args.no_decode)
         print(report.format())
         if not report.ok:
             broken.append(shar_dir)
@@ -82,29 +95,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo = sub.add_parser(
         "demo",
         help="synthesise demo ASR/S2S Shar sets with eSpeak NG and build a tiny LLM (offline)",
-        description="Writes <out>/{llm,asr/{train,val,test},s2s/{train,val,test},DONE.json}. "
-        "Idempotent: finished splits are skipped; deterministic for a seed.",
+        description="Writes <out>/{llm,codec,asr/{train,val,test},s2s/{train,val,test},DONE.json}. "
+        "Idempotent: finished splits are skipped; deterministic for a seed. An llm/ or codec/ directory that "
+        "this command did not make is never replaced: it stops before synthesising anything.",
     )
     demo.add_argument("--out", default="data/demo", help="output directory (default: data/demo)")
-    demo.add_argument("--hours", type=float, default=1.0, help="ASR train hours; val/test get 5%% each")
-    demo.add_argument("--s2s-hours", type=float, default=None, help="S2S train hours (default: hours / 2)")
+    demo.add_argument("--hours", type=positive_float, default=1.0, help="ASR train hours; val/test get 5%% each")
+    demo.add_argument("--s2s-hours", type=positive_float, default=None, help="S2S train hours (default: hours / 2)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--llm-size", choices=("tiny", "small"), default="tiny")
-    demo.add_argument("--shard-size", type=int, default=200, help="cuts per Shar shard")
-    demo.add_argument("--workers", type=int, default=2, help="synthesis processes")
+    demo.add_argument("--shard-size", type=positive_int, default=200, help="cuts per Shar shard")
+    demo.add_argument("--workers", type=positive_int, default=2, help="synthesis processes")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
 
     shar = sub.add_parser(
         "shar",
         help="convert a Lhotse cuts manifest or a folder of audio + .txt transcripts to Shar",
+        description="Every cut is checked first (audio present, decodable, finite, as long as its manifest or WAV "
+        "header says); the first bad one stops the run, naming it. The set is written aside and appears in --out "
+        "only when complete, so an interrupted run leaves nothing that looks finished, and a re-run starts over.",
     )
     source = shar.add_mutually_exclusive_group(required=True)
     source.add_argument("--manifest", help="Lhotse cuts manifest (CUTS.jsonl.gz)")
     source.add_argument("--wav-dir", help="folder of audio files (wav/flac/ogg/mp3) with same-named .txt")
-    shar.add_argument("--out", required=True, help="output Shar directory (must hold no shards yet)")
-    shar.add_argument("--shard-size", type=int, default=200, help="cuts per shard")
-    shar.add_argument("--sample-rate", type=int, default=None, help="resample the recording to this rate")
+    shar.add_argument("--out", required=True, help="output Shar directory (must hold no shards, unless --overwrite)")
+    shar.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the Shar files already in --out (once the new set is complete)",
+    )
+    shar.add_argument(
+        "--allow-command-sources",
+        action="store_true",
+        help="--manifest only: run the shell commands of Lhotse `type: command` audio sources (refused by default; "
+        "only for manifests you trust)",
+    )
+    shar.add_argument("--shard-size", type=positive_int, default=200, help="cuts per shard")
+    shar.add_argument("--sample-rate", type=positive_int, default=None, help="resample the recording to this rate")
     shar.add_argument("--format", default="flac", choices=("flac", "wav"), help="audio codec")
     shar.add_argument("--language", default=None, help="language tag for --wav-dir supervisions")
     shar.set_defaults(func=cmd_shar)
@@ -114,5 +142,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="summarise Shar sets and check their consistency (exit 1 naming each broken shard)",
     )
     inspect.add_argument("path", help="Shar directory or a parent of several, local or fsspec URL")
-    inspect.add_argument("--threads", type=int, default=8, help="shards read in parallel")
+    inspect.add_argument("--threads", type=positive_int, default=8, help="shards read in parallel")
+    inspect.add_argument(
+        "--no-decode", action="store_true", help="do not decode the audio (faster; damaged audio goes unnoticed)"
+    )
     inspect.set_defaults(func=cmd_inspect)

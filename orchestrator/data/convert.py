@@ -1,6 +1,11 @@
 """`speechlm data shar`: convert a Lhotse cuts manifest or a folder of audio + transcripts to Shar.
 
-Writing itself (shard naming, writers, cut-id rules) is `orchestrator.data.shar`.
+Writing itself (shard naming, writers, cut-id rules, atomic output) is `orchestrator.data.shar`. Every cut is
+checked before it is written, and the first bad one stops the conversion with its id and file named (nothing
+is left behind: the set only appears when complete):
+- audio from a shell command (a Lhotse `type: command` source) is refused unless the caller allows it;
+- audio that is missing, undecodable, empty, NaN/inf, or shorter than its manifest or WAV header says
+  (a truncated file would otherwise keep the transcript of audio that is not there).
 """
 
 from __future__ import annotations
@@ -9,9 +14,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.data.audio import AudioFileError, check_samples, wav_truncation
 from orchestrator.data.shar import DEFAULT_SHARD_SIZE, safe_cut_id, write_shar
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+ALLOW_COMMANDS_FLAG = "--allow-command-sources"
+# Samples a decoded recording may lack against its manifest before it counts as truncated (lhotse's own slack).
+_LENGTH_TOLERANCE_S = 0.025
 
 
 @dataclass
@@ -31,19 +40,25 @@ class ConversionSummary:
         return text
 
 
-class _Counter:
-    """Counts cuts and seconds while they stream through the writer."""
+class CommandSourceError(ValueError):
+    """A manifest whose audio would come from running a shell command, without the caller's consent."""
 
-    def __init__(self) -> None:
+
+class _Counter:
+    """Checks every cut, and counts cuts and seconds, while they stream through the writer."""
+
+    def __init__(self, allow_commands: bool = False) -> None:
         self.cuts = 0
         self.seconds = 0.0
         self.renamed = 0
         self.seen: set[str] = set()
+        self.allow_commands = allow_commands
 
     def track(self, cuts: Iterable, source: str) -> Iterator:
         from lhotse import fastcopy
 
         for cut in cuts:
+            cut = check_cut(cut, source, self.allow_commands)
             new_id = safe_cut_id(cut.id)
             if new_id != cut.id:
                 cut = fastcopy(cut, id=new_id)
@@ -56,6 +71,97 @@ class _Counter:
             self.cuts += 1
             self.seconds += cut.duration
             yield cut
+
+
+def _recordings(cut) -> list[tuple[str, object]]:
+    """(field, Recording) of every audio field of a cut: its recording and custom Recordings (target_audio)."""
+    from lhotse import Recording
+
+    fields = [("recording", cut.recording)] if cut.has_recording else []
+    return fields + [(k, v) for k, v in (cut.custom or {}).items() if isinstance(v, Recording)]
+
+
+def check_cut(cut, source: str, allow_commands: bool = False):
+    """`cut`, ready to write (command sources run once, into memory, when allowed), or an error naming the cut
+    and its file, unless every audio field holds the audio it claims to."""
+    from lhotse import fastcopy
+
+    for field, recording in _recordings(cut):
+        commands = [str(src.source) for src in recording.sources if src.type == "command"]
+        if commands and not allow_commands:
+            raise CommandSourceError(
+                f"{source}: cut {cut.id!r} ({field}) takes its audio from a shell command ({commands[0][:80]!r}); "
+                f"data shar does not run commands found in manifests. Pass {ALLOW_COMMANDS_FLAG} only for a "
+                "manifest you trust, or point the recording at audio files"
+            )
+        if commands:  # lhotse's Shar writer cannot read command sources: run the command once, keep its audio
+            in_memory = _in_memory(recording)
+            if field == "recording":
+                cut = fastcopy(cut, recording=in_memory)
+            else:
+                cut = fastcopy(cut, custom={**cut.custom, field: in_memory})
+    for field, recording in _recordings(cut):
+        where = f"{source}: cut {cut.id!r} ({field})"
+        files = [str(src.source) for src in recording.sources if src.type == "file"]
+        for path in files:
+            _check_file(path, recording, where)
+        try:
+            audio = cut.load_audio() if field == "recording" else getattr(cut, f"load_{field}")()
+        except Exception as exc:  # lhotse wraps decoder, IO and length errors alike
+            reason = str(exc).splitlines()[0][:200]
+            raise AudioFileError(
+                f"{where}: its audio cannot be loaded ({type(exc).__name__}: {reason}); fix or remove the cut"
+            ) from None
+        check_samples(audio, f"{where} audio{' ' + files[0] if files else ''}")
+    return cut
+
+
+def _in_memory(recording):
+    """The recording's audio (its command run once) as an in-memory FLAC source."""
+    import io
+
+    import soundfile as sf
+    from lhotse import AudioSource, Recording
+
+    audio = recording.load_audio()  # (channels, T)
+    buf = io.BytesIO()
+    sf.write(buf, audio.T, recording.sampling_rate, format="FLAC")
+    channels = list(range(audio.shape[0]))
+    return Recording(
+        id=recording.id,
+        sources=[AudioSource(type="memory", channels=channels, source=buf.getvalue())],
+        sampling_rate=recording.sampling_rate,
+        num_samples=audio.shape[1],
+        duration=audio.shape[1] / recording.sampling_rate,
+    )
+
+
+def _check_file(path: str, recording, where: str) -> None:
+    """A file source: it exists, decodes, and holds as many samples as its WAV header and the manifest say."""
+    import soundfile as sf
+
+    if not Path(path).is_file():
+        raise AudioFileError(f"{where}: audio file {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if cut_short := wav_truncation(head, Path(path).stat().st_size):
+        declared, present = cut_short
+        rate = sf.info(path).samplerate
+        raise AudioFileError(_truncated(where, path, declared / rate, present / rate, "its WAV header"))
+    try:
+        info = sf.info(path)
+    except Exception as exc:
+        raise AudioFileError(f"{where}: {path} is not an audio file soundfile can read ({exc})") from None
+    present_s = info.frames / info.samplerate
+    if len(recording.sources) == 1 and recording.duration - present_s > _LENGTH_TOLERANCE_S:
+        raise AudioFileError(_truncated(where, path, recording.duration, present_s, "the manifest"))
+
+
+def _truncated(where: str, path: str, declared_s: float, present_s: float, by: str) -> str:
+    return (
+        f"{where}: audio file {path} holds {present_s:.2f} s of samples but {by} declares {declared_s:.2f} s; "
+        "the file is truncated (an interrupted copy or download?): re-copy it, or fix its duration"
+    )
 
 
 def _audio_fields(cut, audio_format: str) -> dict[str, str]:
@@ -75,21 +181,27 @@ def convert_manifest_to_shar(
     shard_size: int = DEFAULT_SHARD_SIZE,
     sample_rate: int | None = None,
     audio_format: str = "flac",
+    allow_commands: bool = False,
+    overwrite: bool = False,
 ) -> ConversionSummary:
     """Turn a Lhotse cuts manifest (jsonl/jsonl.gz) into Shar, resampling ``recording`` if asked.
 
     Custom Recording fields (e.g. ``target_audio``) are written at their own rate; fields are
     taken from the first cut, and later cuts lacking one get a placeholder (as lhotse does).
+    ``allow_commands``: run the shell commands of ``type: command`` audio sources (refused by default).
+    ``overwrite``: replace the Shar files already in ``out_dir`` (once the new set is complete).
     """
     from lhotse import load_manifest_lazy
 
-    if not Path(manifest).exists():
-        raise FileNotFoundError(f"manifest {manifest} does not exist; pass a cuts .jsonl.gz file")
-    cuts = load_manifest_lazy(manifest)
+    if not Path(manifest).is_file():
+        raise FileNotFoundError(f"manifest {manifest} does not exist or is not a file; pass a cuts .jsonl.gz file")
     try:
+        cuts = load_manifest_lazy(manifest)
         first = next(iter(cuts))
     except StopIteration:
         raise ValueError(f"manifest {manifest} has no cuts; nothing to convert") from None
+    except Exception as exc:  # gzip, JSON and lhotse's own schema errors
+        raise ValueError(f"manifest {manifest} cannot be read as Lhotse cuts ({type(exc).__name__}: {exc})") from None
     if not hasattr(first, "has_recording"):
         raise ValueError(
             f"manifest {manifest} holds {type(first).__name__} items, not cuts; convert it with "
@@ -100,8 +212,8 @@ def convert_manifest_to_shar(
         raise ValueError(f"first cut {first.id!r} in {manifest} has no audio to write")
     if sample_rate is not None:
         cuts = cuts.resample(sample_rate)
-    counter = _Counter()
-    paths = write_shar(counter.track(cuts, str(manifest)), out_dir, fields, shard_size)
+    counter = _Counter(allow_commands)
+    paths = write_shar(counter.track(cuts, str(manifest)), out_dir, fields, shard_size, overwrite)
     return ConversionSummary(str(out_dir), counter.cuts, len(paths["cuts"]), counter.seconds / 3600, counter.renamed)
 
 
@@ -112,6 +224,7 @@ def convert_audio_dir_to_shar(
     sample_rate: int | None = None,
     audio_format: str = "flac",
     language: str | None = None,
+    overwrite: bool = False,
 ) -> ConversionSummary:
     """Turn a folder of audio files with same-named ``.txt`` transcripts into ASR-style Shar.
 
@@ -137,7 +250,10 @@ def convert_audio_dir_to_shar(
     def cuts() -> Iterator:
         for path in audio_files:
             cut_id = safe_cut_id(str(path.relative_to(root).with_suffix("")))
-            recording = Recording.from_file(path, recording_id=cut_id)
+            try:
+                recording = Recording.from_file(path, recording_id=cut_id)
+            except Exception as exc:
+                raise AudioFileError(f"{path} is not an audio file soundfile can read ({exc}); fix or remove it") from None
             cut = recording.to_cut()
             text = " ".join(path.with_suffix(".txt").read_text(encoding="utf-8").split())
             cut.supervisions = [
@@ -155,5 +271,5 @@ def convert_audio_dir_to_shar(
 
     counter = _Counter()
     fields = {"recording": audio_format}
-    paths = write_shar(counter.track(cuts(), str(root)), out_dir, fields, shard_size)
+    paths = write_shar(counter.track(cuts(), str(root)), out_dir, fields, shard_size, overwrite)
     return ConversionSummary(str(out_dir), counter.cuts, len(paths["cuts"]), counter.seconds / 3600, counter.renamed)

@@ -1,7 +1,9 @@
-"""`speechlm data inspect`: summarise a Shar set and check every shard (present, readable, aligned ids).
+"""`speechlm data inspect`: summarise a Shar set and check every shard (present, readable, aligned ids, audio).
 
 Readers pair shards by index and tar members by cut id, so `inspect_shar` checks exactly those two invariants and
-names every shard that breaks them. The format itself is `orchestrator.data.shar`.
+names every shard that breaks them. It also decodes every audio member (random bytes named `.flac` are not
+audio; NaN/inf samples and a sample count below the member's manifest mean damage), and names a set that an
+interrupted write left behind (`storage.atomic`). The format itself is `orchestrator.data.shar`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ import numpy as np
 
 from orchestrator.data.shar import find_shar_dirs, is_shar_placeholder, iter_tar_entries, list_fields
 from orchestrator.storage import filesystems
-from orchestrator.storage.paths import join
+from orchestrator.storage.atomic import PARTIAL_MARKER, is_partial_dir
+from orchestrator.storage.paths import is_url, join, local_path
+
+# Bad audio members named per shard before the rest are only counted.
+_SHOWN_BAD_CUTS = 3
 
 
 @dataclass
@@ -44,6 +50,7 @@ class SharReport:
     sample_rates: dict[str, list[int]]
     custom_fields: list[str]
     problems: list[str]
+    decoded: bool = True
 
     @property
     def ok(self) -> bool:
@@ -87,7 +94,10 @@ class SharReport:
             lines.append(f"  BROKEN: {len(self.problems)} problem(s)")
             lines += [f"    - {p}" for p in self.problems]
         else:
-            lines.append("  consistency: OK (one shard per field per cuts shard, tars readable, ids match)")
+            lines.append(
+                "  consistency: OK (one shard per field per cuts shard, tars readable, ids match"
+                + (", audio decodes)" if self.decoded else "; audio not decoded)")
+            )
         return "\n".join(lines)
 
     __str__ = format
@@ -120,34 +130,66 @@ def _text_stream(raw, path: str):
     return gzip.open(raw, "rt", encoding="utf-8") if path.endswith(".gz") else io.TextIOWrapper(raw, encoding="utf-8")
 
 
-def _read_tar_shard(fs, field_name: str, path: str, result: _ShardResult) -> list[str] | None:
-    """Ids of the data members of a field tar, in order; reads every byte to catch truncation."""
+def _audio_problem(data: bytes, manifest: dict) -> str | None:
+    """Why an audio member is not the audio its manifest describes, or None."""
+    import soundfile as sf
+
+    from orchestrator.data.audio import samples_problem, wav_truncation
+
+    try:
+        audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception as exc:  # soundfile's LibsndfileError and friends: not audio it can decode
+        return f"does not decode as audio ({str(exc).splitlines()[0][:120]})"
+    if cut_short := wav_truncation(data):
+        return f"is a truncated WAV ({cut_short[1]} of {cut_short[0]} samples)"
+    if problem := samples_problem(audio):
+        return problem
+    declared = manifest.get("num_samples")
+    if declared and rate == manifest.get("sampling_rate") and declared - len(audio) > 0.025 * rate:
+        return f"holds {len(audio) / rate:.2f} s of audio but its manifest declares {declared / rate:.2f} s"
+    return None
+
+
+def _read_tar_shard(fs, field_name: str, path: str, result: _ShardResult, decode: bool) -> list[str] | None:
+    """Ids of the data members of a field tar, in order; reads every byte to catch truncation, and with `decode`
+    decodes every audio member."""
     ids: list[str] = []
+    bad: list[str] = []
     try:
         with fs.open(path, "rb") as raw:
             for entry in iter_tar_entries(raw):
-                if entry.manifest is not None:
-                    rate = json.loads(entry.manifest).get("sampling_rate")
-                    if rate:
-                        result.sample_rates.setdefault(field_name, set()).add(int(rate))
+                manifest = json.loads(entry.manifest) if entry.manifest is not None else {}
+                rate = manifest.get("sampling_rate")
+                if rate:
+                    result.sample_rates.setdefault(field_name, set()).add(int(rate))
                 if entry.data is not None:
                     ids.append(entry.cut_id)
+                    if decode and (problem := _audio_problem(entry.data, manifest)):
+                        bad.append(f"cut {entry.cut_id!r} {problem}")
     except (OSError, EOFError, tarfile.TarError, ValueError, RuntimeError) as err:
         result.problems.append(
             f"{field_name} shard {path} is not a readable tar ({type(err).__name__}: {err}); "
             "it is probably truncated: re-create or re-download it"
         )
         return None
+    if bad:
+        more = f"; and {len(bad) - _SHOWN_BAD_CUTS} more" if len(bad) > _SHOWN_BAD_CUTS else ""
+        result.problems.append(
+            f"{field_name} shard {path}: {len(bad)} undecodable or damaged audio member(s): "
+            + "; ".join(bad[:_SHOWN_BAD_CUTS])
+            + more
+            + "; re-create the shard from the source audio"
+        )
     return ids
 
 
-def _check_shard(fs, index: int, shards: dict[str, str | None]) -> _ShardResult:
+def _check_shard(fs, index: int, shards: dict[str, str | None], decode: bool) -> _ShardResult:
     result = _ShardResult()
     cut_ids = _read_cuts_shard(fs, shards["cuts"], result)
     for name, path in shards.items():
         if name == "cuts" or path is None:
             continue
-        member_ids = _read_tar_shard(fs, name, path, result)
+        member_ids = _read_tar_shard(fs, name, path, result, decode)
         if cut_ids is None or member_ids is None or member_ids == cut_ids:
             continue
         mismatch = next(
@@ -164,8 +206,9 @@ def _check_shard(fs, index: int, shards: dict[str, str | None]) -> _ShardResult:
     return result
 
 
-def inspect_shar(path_or_url: str | Path, num_threads: int = 8) -> SharReport:
-    """Summarise one Shar directory and check that every shard is present, readable and aligned.
+def inspect_shar(path_or_url: str | Path, num_threads: int = 8, decode: bool = True) -> SharReport:
+    """Summarise one Shar directory and check that every shard is present, readable and aligned, and (with
+    `decode`) that every audio member decodes to the audio its manifest describes.
 
     Works on local paths and fsspec URLs (s3://, gs://, ...); reads every shard fully, in threads.
     """
@@ -173,6 +216,11 @@ def inspect_shar(path_or_url: str | Path, num_threads: int = 8) -> SharReport:
     fs, _ = filesystems.fsspec_filesystem(path)
     fields = list_fields(path)
     problems: list[str] = []
+    if not is_url(path) and is_partial_dir(local_path(path)):
+        problems.append(
+            f"{path} is an incomplete Shar set: a write was interrupted (it still holds {PARTIAL_MARKER}); re-run "
+            "the command that wrote it (it starts over), or delete this directory"
+        )
     cuts_shards = fields.get("cuts", {})
     if not cuts_shards:
         problems.append(
@@ -201,7 +249,7 @@ def inspect_shar(path_or_url: str | Path, num_threads: int = 8) -> SharReport:
                 problems.append(f"{name} shard {p} has no matching cuts shard; remove it")
 
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
-        results = list(pool.map(lambda item: _check_shard(fs, *item), sorted(by_index.items())))
+        results = list(pool.map(lambda item: _check_shard(fs, *item, decode), sorted(by_index.items())))
 
     referenced = {f for r in results for f in r.referenced_fields}
     for name in sorted(referenced - set(fields)):
@@ -224,4 +272,5 @@ def inspect_shar(path_or_url: str | Path, num_threads: int = 8) -> SharReport:
         sample_rates={k: sorted(v) for k, v in sorted(rates.items())},
         custom_fields=sorted({c for r in results for c in r.custom_fields}),
         problems=problems,
+        decoded=decode,
     )
