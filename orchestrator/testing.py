@@ -64,13 +64,14 @@ def write_checkpoint(
     """Write `model` as a checkpoint exactly as the training loop's rank 0 does (`save_checkpoint`, with the
     optimizer `cfg` names): for tests, benchmarks, and bringing a model trained elsewhere into this format."""
     from orchestrator.config import to_yaml
-    from orchestrator.storage.checkpoints import TrainingState, save_checkpoint
+    from orchestrator.storage.checkpoints import TrainingState, mark_complete, save_checkpoint
     from orchestrator.training.loop import setup_optimizer
 
     directory = Path(directory)
     optimizer, scheduler = setup_optimizer(model, cfg)
     state = TrainingState(step=step, metrics=dict(metrics or {}))
     save_checkpoint(directory, model, optimizer, scheduler, state, to_yaml(cfg), write_model=True, rank=0)
+    mark_complete(str(directory))
     return directory
 
 

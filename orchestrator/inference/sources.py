@@ -89,6 +89,7 @@ def _checkpoint_source(path: str, overrides: Sequence[str], run_dir: str | None,
 
     try:
         state = checkpoints.read_saved_state(path)
+        checkpoints.require_complete(path)
         saved = checkpoints.read_saved_config(path)
     except CheckpointError as exc:
         raise SourceError(str(exc)) from None
@@ -119,7 +120,7 @@ def _pick_checkpoint(run_dir: str, which: Which, overrides: Sequence[str]) -> Mo
     if latest is None:
         raise SourceError(
             f"{run_dir} is not a checkpoint (no state.json), an exported model (no speechlm_config.yaml) "
-            "or a run directory with step=... checkpoints; point at one of those"
+            "or a run directory with complete step=... checkpoints; point at one of those"
         )
     source = _checkpoint_source(latest, overrides, run_dir, check=which == "latest")
     if which == "latest":
@@ -183,9 +184,9 @@ def load_model(
             model = source.entry.build(source.model_cfg, source.data_cfg)
         try:
             checkpoints.check_weights(local, model)
+            checkpoints.load_model_weights(local, model)
         except CheckpointError as exc:
             raise SourceError(str(exc)) from None
-        checkpoints.load_model_weights(local, model)
     model.prompt_defaults = source.prompt
     model.to(device)
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext

@@ -6,16 +6,23 @@ A run directory holds one checkpoint directory per validation; a checkpoint dire
 - `trainer_state.pt`: optimizer and LR-scheduler state;
 - `state.json`: step, metrics at that step, format version;
 - `config.yaml`: the resolved experiment config, so the checkpoint alone can rebuild the model;
-- `data_position.rank<R>.json`: where each rank's data stream was, so a resumed run does not re-read the epoch.
+- `data_position.rank<R>.json`: where each rank's data stream was, so a resumed run does not re-read the epoch;
+- `complete.json`: written last, once every rank's files are in place (`persist_checkpoint`); it lists every file
+  with its size.
 
-A checkpoint is complete once `state.json` exists; listing skips incomplete ones. Checkpoints may live on local
-disk or object storage (read through the same pyarrow filesystem Ray Train writes with).
+A checkpoint is complete once `complete.json` exists and its files have the sizes it lists: listing, resuming
+and loading skip or refuse anything else, so a checkpoint interrupted mid-write (a driver killed with -9, a node
+lost during the upload) is never taken for the latest one. Checkpoints written before the marker existed
+(`format_version` 1) count as complete when they have `state.json`. Every file is read without unpickling
+code (`torch.load(weights_only=True)`, safetensors). Checkpoints may live on local disk or object storage (read
+through the same pyarrow filesystem Ray Train writes with).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import re
 import tempfile
 from collections.abc import Iterator
@@ -23,19 +30,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow.fs as pafs
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from orchestrator.storage import filesystems
 from orchestrator.storage.paths import is_url, join
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: completeness is `complete.json`; 1 (still read): complete once state.json exists
+READABLE_FORMATS = (1, 2)
 WEIGHTS_FILE = "weights.safetensors"
 TRAINER_STATE_FILE = "trainer_state.pt"
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
 DATA_POSITION_PREFIX = "data_position.rank"
+COMPLETE_FILE = "complete.json"
 CHECKPOINT_DIR = re.compile(r"^step=(\d+)")
 # Every checkpoint file a model needs (a remote checkpoint is copied down for loading).
 _MODEL_FILES = (WEIGHTS_FILE, STATE_FILE, CONFIG_FILE)
@@ -99,6 +110,9 @@ def save_checkpoint(
     """Write this rank's part of a checkpoint into `directory` (rank 0 writes the model and trainer state).
 
     `get_state_dict` with full_state_dict gathers FSDP2 shards and unwraps DDP, so every rank must call it.
+    The checkpoint is complete only once `mark_complete` has run, after every rank's files are in place: the
+    training loop does that in `persist_checkpoint`, a direct writer (`orchestrator.testing.write_checkpoint`)
+    right after this call.
     """
     options = StateDictOptions(full_state_dict=True, cpu_offload=False)
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
@@ -117,9 +131,134 @@ def save_checkpoint(
         (directory / f"{DATA_POSITION_PREFIX}{rank}.json").write_text(json.dumps(state.data_position))
 
 
+def persist_checkpoint(checkpoint: Any, checkpoint_dir_name: str, rank: int, world: int) -> Any:
+    """Ray Train's `checkpoint_upload_fn`: upload this rank's files (as Ray's default upload does), wait until
+    every rank has uploaded, then rank 0 writes `complete.json`.
+
+    Ray registers a checkpoint, and deletes the ones beyond save_top_k, only after every rank's report returns,
+    that is after this function: so the marker exists before Ray can delete the previous complete checkpoint,
+    and a kill at any moment leaves at least one complete checkpoint behind.
+    """
+    import ray.train
+    import torch.distributed as dist
+
+    persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, checkpoint_dir_name)
+    if world > 1:
+        dist.barrier()  # every rank's files (its data position) are uploaded
+    if rank == 0:
+        mark_complete(persisted.path, persisted.filesystem)
+    return persisted
+
+
+def _file_sizes(fs: pafs.FileSystem, inner: str) -> dict[str, int]:
+    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False, allow_not_found=True))
+    return {i.base_name: int(i.size) for i in infos if i.type == pafs.FileType.File}
+
+
+def mark_complete(path: str, filesystem: pafs.FileSystem | None = None) -> None:
+    """Write `complete.json` (every file of the checkpoint with its size) into a checkpoint whose files are all in
+    place. `path`: a local dir or URL, or a path inside `filesystem` (as Ray Train reports it)."""
+    fs, inner = (filesystem, path) if filesystem is not None else filesystems.pyarrow_filesystem(str(path))
+    files = {name: size for name, size in _file_sizes(fs, inner).items() if name != COMPLETE_FILE}
+    with fs.open_output_stream(f"{inner.rstrip('/')}/{COMPLETE_FILE}") as out:
+        out.write(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1, sort_keys=True).encode())
+
+
+def completeness_problem(path: str) -> str | None:
+    """Why the checkpoint at `path` (local dir or URL) is not complete (interrupted while being written, or a
+    file changed since), or None when it is."""
+    fs, inner = filesystems.pyarrow_filesystem(str(path))
+    sizes = _file_sizes(fs, inner)
+    if COMPLETE_FILE not in sizes:
+        if STATE_FILE in sizes and _saved_format(path) == 1:
+            return None  # written before completion markers existed: complete once state.json is there
+        return f"it has no {COMPLETE_FILE}, so it was interrupted while being written"
+    try:
+        listed = json.loads(filesystems.read_text(join(str(path), COMPLETE_FILE)))["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"its {COMPLETE_FILE} is unreadable ({type(exc).__name__}), so it was interrupted while being written"
+    for name, size in sorted(listed.items()):
+        if name not in sizes:
+            return f"{name} is missing"
+        if sizes[name] != size:
+            return f"{name} is {sizes[name]} bytes but was written as {size} bytes (truncated or replaced)"
+    return None
+
+
+def _saved_format(path: str) -> Any:
+    try:
+        return json.loads(filesystems.read_text(join(str(path), STATE_FILE))).get("format_version")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def require_complete(path: str) -> None:
+    """Raise CheckpointError naming `path` unless it is a complete checkpoint."""
+    if problem := completeness_problem(path):
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: {problem}; use an earlier checkpoint of the run (its run dir picks "
+            "the latest complete one)"
+        )
+
+
+def _load_weights(directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS_FILE
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(_damaged(path, exc)) from None
+
+
+def _weight_names(directory: Path) -> set[str]:
+    from safetensors import safe_open
+
+    path = directory / WEIGHTS_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return set(f.keys())
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(_damaged(path, exc)) from None
+
+
+def _damaged(path: Path, exc: BaseException) -> str:
+    size = path.stat().st_size if path.is_file() else None
+    what = "is missing" if size is None else ("is empty (0 bytes)" if size == 0 else f"cannot be read ({exc})")
+    return (
+        f"{path} {what}: the checkpoint is damaged (truncated by an interrupted copy or a full disk?); use an "
+        "earlier checkpoint of the run, or copy this one again"
+    )
+
+
+def _load_trainer_state(directory: Path) -> dict[str, Any]:
+    """Optimizer and scheduler state, unpickled with weights_only=True: tensors and plain data, never code."""
+    path = directory / TRAINER_STATE_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused to load: it holds pickled Python objects, not only tensors and plain data "
+            f"({str(exc).splitlines()[-1][:160]}). A checkpoint of this project never does, so the file was "
+            "made elsewhere or tampered with; resume from another checkpoint or start a new run"
+        ) from None
+    except (OSError, EOFError, RuntimeError) as exc:
+        raise CheckpointError(_damaged(path, exc)) from None
+
+
+def newer_checkpoint(first: Any, second: Any) -> Any:
+    """Of two Ray Train checkpoints (either may be None), the one saved at the later step (from its state.json)."""
+    if first is None or second is None:
+        return first if second is None else second
+
+    def step(checkpoint) -> int:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{STATE_FILE}") as f:
+            return int(json.loads(f.read().decode())["step"])
+
+    return first if step(first) >= step(second) else second
+
+
 def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
     """Load a checkpoint's weights into an unwrapped model; every saved tensor must find its parameter."""
-    saved = load_file(str(directory / WEIGHTS_FILE))
+    saved = _load_weights(directory)
     result = model.load_state_dict(saved, strict=False)
     if result.unexpected_keys:
         raise CheckpointError(
@@ -137,7 +276,8 @@ def load_checkpoint(
 ) -> TrainingState:
     """Restore model, optimizer and scheduler in place (works for DDP- and FSDP2-wrapped models)."""
     state = read_saved_state(str(directory))
-    saved_weights = load_file(str(directory / WEIGHTS_FILE))
+    require_complete(str(directory))
+    saved_weights = _load_weights(directory)
     missing = trainable_names(model) - saved_weights.keys()
     if missing:
         raise CheckpointError(
@@ -145,7 +285,7 @@ def load_checkpoint(
             "the checkpoint is incomplete or was made with another model config; resume from another checkpoint "
             "(exp_manager.resume_from_checkpoint) or start a new run"
         )
-    trainer_state = torch.load(directory / TRAINER_STATE_FILE, map_location="cpu", weights_only=False)
+    trainer_state = _load_trainer_state(directory)
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_state_dict(
         model, optimizer, model_state_dict=saved_weights, optim_state_dict=trainer_state["optimizer"], options=options
@@ -175,14 +315,23 @@ def resume_data_position(checkpoint_path: str):
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every complete checkpoint in `run_dir`, oldest first."""
+    """(step, path) of every complete checkpoint in `run_dir`, oldest first (see `completeness_problem`)."""
     found = []
     for name in filesystems.list_names(run_dir, dirs_only=True):
         match = CHECKPOINT_DIR.match(name)
         path = join(run_dir, name)
-        if match and filesystems.is_file(join(path, STATE_FILE)):
+        if match and completeness_problem(path) is None:
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def incomplete_checkpoints(run_dir: str) -> list[str]:
+    """Checkpoint dirs of `run_dir` that an interrupted write left incomplete (ignored by resume and loading)."""
+    return [
+        join(run_dir, name)
+        for name in filesystems.list_names(run_dir, dirs_only=True)
+        if CHECKPOINT_DIR.match(name) and completeness_problem(join(run_dir, name)) is not None
+    ]
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
@@ -192,6 +341,7 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 
 def is_checkpoint(path: str) -> bool:
+    """`path` looks like a checkpoint (has state.json); it may still be incomplete (`require_complete`)."""
     return filesystems.exists(join(path, STATE_FILE))
 
 
@@ -203,9 +353,13 @@ def read_saved_state(path: str) -> dict[str, Any]:
             f"{path} is not a checkpoint of this project (no {STATE_FILE}); point at a step=... directory "
             "inside the run's checkpoint folder"
         )
-    state = json.loads(filesystems.read_text(state_path))
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {state.get('format_version')} is not {FORMAT_VERSION}")
+    try:
+        state = json.loads(filesystems.read_text(state_path))
+    except ValueError as exc:
+        raise CheckpointError(f"{state_path} is not valid JSON ({exc}); the checkpoint is damaged") from None
+    if not isinstance(state, dict) or state.get("format_version") not in READABLE_FORMATS:
+        version = state.get("format_version") if isinstance(state, dict) else None
+        raise CheckpointError(f"{path}: checkpoint format {version} is not one of {READABLE_FORMATS}")
     return state
 
 
@@ -257,23 +411,17 @@ def local_copy(path: str) -> Iterator[Path]:
 
 def check_has_weights(directory: Path) -> None:
     """Fail before building anything when a checkpoint holds no weights at all (see `check_weights`)."""
-    from safetensors import safe_open
-
-    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as f:
-        if not list(f.keys()):
-            raise CheckpointError(
-                f"{directory / WEIGHTS_FILE} holds no tensors, so this checkpoint cannot reproduce the trained "
-                f"model. {_EMPTY_CHECKPOINT_HINT}"
-            )
+    if not _weight_names(directory):
+        raise CheckpointError(
+            f"{directory / WEIGHTS_FILE} holds no tensors, so this checkpoint cannot reproduce the trained "
+            f"model. {_EMPTY_CHECKPOINT_HINT}"
+        )
 
 
 def check_weights(directory: Path, model: torch.nn.Module) -> None:
     """Every trainable parameter must be in the checkpoint: a checkpoint that lacks some would silently
     leave them at their random (or pretrained) initial values."""
-    from safetensors import safe_open
-
-    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as f:
-        saved = set(f.keys())
+    saved = _weight_names(directory)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     missing = [name for name in trainable if name not in saved]
     if missing:

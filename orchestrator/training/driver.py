@@ -72,7 +72,14 @@ def decide_resume(cfg: ExperimentConfig, directory: str) -> str | None:
     """The checkpoint this run continues from (None = fresh), following NeMo's exp_manager semantics."""
     exp = cfg.exp_manager
     if exp.resume_from_checkpoint:
+        try:
+            checkpoints.read_saved_state(exp.resume_from_checkpoint)
+            checkpoints.require_complete(exp.resume_from_checkpoint)
+        except checkpoints.CheckpointError as exc:
+            raise ConfigError([f"exp_manager.resume_from_checkpoint: {exc}"], "exp_manager") from None
         return exp.resume_from_checkpoint
+    for partial in checkpoints.incomplete_checkpoints(directory):
+        logger.warning("ignoring %s: it was interrupted while being written (no complete.json)", partial)
     latest = checkpoints.latest_checkpoint(directory)
     if latest is None:
         if exp.resume_if_exists and not exp.resume_ignore_no_checkpoint and filesystems.exists(directory):
@@ -188,6 +195,7 @@ def run_training(
         mlflow_run_id=run_id,
         threads_per_worker=resources.threads_per_worker,
         validation_sets=list(val_collators),
+        resume_from=_checkpoint_at(resume_from) if resume_from else None,
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -207,7 +215,6 @@ def run_training(
         ),
         datasets=datasets,
         dataset_config=ray_data_config(list(datasets)),
-        resume_from_checkpoint=_checkpoint_at(resume_from) if exp.resume_from_checkpoint else None,
     )
     error = None
     try:

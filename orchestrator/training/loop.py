@@ -8,6 +8,7 @@ at the same steps, because report is a barrier; the data pipeline guarantees equ
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import tempfile
@@ -29,6 +30,8 @@ from orchestrator.storage.checkpoints import (
     TrainingState,
     checkpoint_dir_name,
     load_checkpoint,
+    newer_checkpoint,
+    persist_checkpoint,
     save_checkpoint,
     unwrap,
 )
@@ -53,6 +56,9 @@ class LoopSettings:
     mlflow_run_id: str | None
     threads_per_worker: int
     validation_sets: list[str] = field(default_factory=list)
+    # The complete checkpoint the driver resumes from (its data position was read from it), as a Ray Checkpoint;
+    # Ray Train's own latest checkpoint wins when newer (a worker group restarted within this run).
+    resume_from: Any = None
 
 
 # ----------------------------------------------------------------------------------------------- set-up
@@ -161,7 +167,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer, scheduler = setup_optimizer(model, cfg)
 
     state = TrainingState()
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = newer_checkpoint(ray.train.get_checkpoint(), settings.resume_from)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(Path(directory), model, optimizer, scheduler, rank)
@@ -329,4 +335,6 @@ def report_validation_and_checkpoint(run: WorkerRun) -> None:
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
             checkpoint_dir_name=checkpoint_dir_name(state.step, cfg.exp_manager.checkpoint_callback_params.filename),
+            # uploads, then marks the checkpoint complete once every rank's files are in place
+            checkpoint_upload_fn=functools.partial(persist_checkpoint, rank=run.rank, world=run.world),
         )
