@@ -6,7 +6,8 @@ The one place the project walks its typed schemas: experiment configs (`orchestr
 
 The rules are deliberately small: dataclass fields, `X | None`, `Literal[...]`, `list[X]`, `dict[str, X]`, unions
 tried in order, and scalar coercions that YAML and command-line overrides make necessary
-(`precision: 32` is the string "32"; `lr=3e-4` arrives as a string and is a float).
+(`precision: 32` is the string "32"; `lr=3e-4` arrives as a string and is a float). NaN and infinities are
+never valid numbers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import types
 import typing
 from typing import Any, Literal, Union
@@ -158,13 +160,19 @@ def _convert_scalar(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
             except ValueError:
                 pass
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and math.isfinite(number):
+            return number
+        if number is not None:  # nan, inf, -inf: no setting means that; null means "unset" where allowed
+            problems.append(f"{path}: {_show(value)} is not a finite number")
+            return _INVALID
     elif tp is str:
         if isinstance(value, str):
             return value

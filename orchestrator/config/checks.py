@@ -10,7 +10,17 @@ import itertools
 import re
 
 from orchestrator.config.schema import DatasetConfig, ExperimentConfig
-from orchestrator.config.targets import target_problem
+from orchestrator.config.targets import (
+    ENCODERS,
+    LR_SCHEDULERS,
+    OPTIMIZERS,
+    PERCEPTION_MODULES,
+    SPEECH_DECODERS,
+    argument_problems,
+    target_problem,
+)
+from orchestrator.storage.paths import too_broad_problem
+from orchestrator.storage.run_dirs import run_dir
 from speech_models.config import ConformerConfig
 from speech_models.registry import entry_for, model_types
 from speech_models.typed_data import did_you_mean
@@ -21,6 +31,7 @@ CONV_NORM = re.compile(r"^(batch_norm|layer_norm|group_?norm\d*)$")
 def check_experiment(cfg: ExperimentConfig, problems: list[str]) -> None:
     """Append every cross-key problem of `cfg` to `problems`."""
     _check_trainer(cfg, problems)
+    _check_run_dir(cfg, problems)
     _check_model(cfg, problems)
     _check_monitor(cfg, problems)
     _check_dataset(cfg.data.train_ds, "data.train_ds", problems)
@@ -50,6 +61,28 @@ def _check_trainer(cfg: ExperimentConfig, problems: list[str]) -> None:
         )
     if t.cpus_per_worker is not None and t.cpus_per_worker <= 0:
         problems.append(f"trainer.cpus_per_worker: {t.cpus_per_worker} must be positive")
+
+
+def _check_run_dir(cfg: ExperimentConfig, problems: list[str]) -> None:
+    """Names become directory names: they must not climb out of exp_dir or land the run on `/` or `~`."""
+    exp = cfg.exp_manager
+    for key, value in (("name", cfg.name), ("exp_manager.name", exp.name), ("exp_manager.version", exp.version)):
+        if value is not None and (problem := name_problem(value)):
+            problems.append(f"{key}: {value!r} {problem}")
+    if not exp.explicit_log_dir and any(name_problem(v) for v in (exp.name, exp.version) if v is not None):
+        return  # the run dir is made of those names, reported above
+    if problem := too_broad_problem(run_dir(exp)):
+        key = "exp_manager.explicit_log_dir" if exp.explicit_log_dir else "exp_manager.exp_dir"
+        problems.append(f"{key}: the run directory {problem}; give the run a directory of its own")
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be one directory name (a run's, a sweep's, a version's), or None."""
+    if not name.strip():
+        return "is empty; give a name (letters, digits, '_', '.', '-')"
+    if "/" in name or "\\" in name or name in (".", ".."):
+        return "must be a single directory name, without '/', '\\' or '..' (it becomes part of the run directory)"
+    return None
 
 
 def produced_metrics(cfg: ExperimentConfig) -> list[str]:
@@ -98,27 +131,27 @@ def _check_model(cfg: ExperimentConfig, problems: list[str]) -> None:
             problems.append(f"model.lora.r: {m.lora.r} must be at least 1 (the LoRA rank)")
         if not 0 <= m.lora.lora_dropout < 1:
             problems.append(f"model.lora.lora_dropout: {m.lora.lora_dropout} must be in [0, 1)")
-    for key, spec in (("optimizer", m.optimizer), ("lr_scheduler", m.lr_scheduler)):
-        if spec is None:
-            continue
-        target = spec.get("_target_") or spec.get("target")
-        if not target:
-            problems.append(f"model.{key}: missing _target_ (e.g. _target_: torch.optim.AdamW)")
-        elif problem := target_problem(str(target)):
-            problems.append(f"model.{key}._target_: {problem}")
-    if problem := target_problem(m.perception.target):
+    for key, spec, allowed, what in (
+        ("optimizer", m.optimizer, OPTIMIZERS, "optimizer"),
+        ("lr_scheduler", m.lr_scheduler, LR_SCHEDULERS, "LR scheduler"),
+    ):
+        if spec is not None:
+            problems.extend(f"model.{key}.{p}" for p in argument_problems(spec, allowed, what))
+    if problem := target_problem(m.perception.target, PERCEPTION_MODULES, "perception module"):
         problems.append(f"model.perception.target: {problem}")
     _check_conformer(m.perception.encoder, "model.perception.encoder", problems)
     if m.perception.modality_adapter is not None:
         _check_conformer(m.perception.modality_adapter, "model.perception.modality_adapter", problems)
-    if m.speech_decoder is not None and (problem := target_problem(m.speech_decoder.target)):
+    if m.speech_decoder is not None and (
+        problem := target_problem(m.speech_decoder.target, SPEECH_DECODERS, "speech decoder")
+    ):
         problems.append(f"model.speech_decoder.target: {problem}")
     if m.audio_loss_weight < 0 or m.text_loss_weight < 0:
         problems.append("model.audio_loss_weight / text_loss_weight: loss weights must not be negative")
 
 
 def _check_conformer(enc: ConformerConfig, path: str, problems: list[str]) -> None:
-    if enc._target_ is not None and (problem := target_problem(enc._target_)):
+    if enc._target_ is not None and (problem := target_problem(enc._target_, ENCODERS, "encoder")):
         problems.append(f"{path}._target_: {problem}")
     if enc.d_model % enc.n_heads:
         problems.append(f"{path}.d_model: {enc.d_model} is not divisible by n_heads ({enc.n_heads})")

@@ -1,13 +1,23 @@
-"""`target` / `_target_` class paths: NeMo names map to this project's classes; nothing else is importable.
+"""`target` / `_target_` class paths: an explicit allow-list per config key; nothing else is ever imported.
 
-A config file must not be able to run arbitrary code, so a target is only imported when it lies inside an
-allow-listed module. NeMo's own class paths are translated first, so a NeMo user's YAML works unchanged.
+A config file (or a sweep spec, whose values end up in one) must not be able to run arbitrary code, so a target
+is only imported when it is on the list for its key: the optimizers of `torch.optim`, the LR schedulers of
+`torch.optim.lr_scheduler` that a YAML file can configure, this project's NeMo-named schedules, and the one
+class each model key builds. NeMo's own class paths are translated first, so a NeMo user's YAML works
+unchanged. Validation resolves every target (imports it, checks it exists) and checks the keyword arguments
+against its signature, so a misspelled class or argument fails `speechlm validate`, not a cluster job.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
+import math
+from collections.abc import Iterable
 from typing import Any
+
+from speech_models.typed_data import did_you_mean
 
 # NeMo / Lightning class path -> this project's equivalent.
 NEMO_TARGETS: dict[str, str] = {
@@ -33,13 +43,50 @@ LIGHTNING_STRATEGIES: dict[str, str] = {
     "lightning.pytorch.strategies.FSDPStrategy": "fsdp2",
 }
 
-ALLOWED_MODULES: tuple[str, ...] = (
-    "torch.optim",
-    "torch.optim.lr_scheduler",
-    "speech_models",
-    "orchestrator.training.schedules",
-    "transformers",
+# Every class or factory a config may name, per kind of key. Each is called with one positional argument that
+# the training loop provides (the parameters, the optimizer) and the config's other keys as keyword arguments.
+OPTIMIZERS: tuple[str, ...] = tuple(
+    f"torch.optim.{name}"
+    for name in (
+        "AdamW",  # the usual one first: messages use the first entry as their example
+        "Adam",
+        "SGD",
+        "Adadelta",
+        "Adafactor",
+        "Adagrad",
+        "Adamax",
+        "ASGD",
+        "NAdam",
+        "RAdam",
+        "RMSprop",
+        "Rprop",
+    )
 )
+# Schedulers stepped once per optimizer step with no arguments; those that need Python callables (LambdaLR),
+# other schedulers (SequentialLR) or a metric (ReduceLROnPlateau) cannot be configured from YAML.
+LR_SCHEDULERS: tuple[str, ...] = tuple(
+    f"orchestrator.training.schedules.{name}"
+    for name in ("CosineAnnealing", "WarmupAnnealing", "InverseSquareRootAnnealing")
+) + tuple(
+    f"torch.optim.lr_scheduler.{name}"
+    for name in (
+        "ConstantLR",
+        "CosineAnnealingLR",
+        "CosineAnnealingWarmRestarts",
+        "CyclicLR",
+        "ExponentialLR",
+        "LinearLR",
+        "MultiStepLR",
+        "OneCycleLR",
+        "PolynomialLR",
+        "StepLR",
+    )
+)
+# Model parts: the config names the class for NeMo compatibility; the model builds exactly this one.
+PERCEPTION_MODULES: tuple[str, ...] = ("speech_models.perception.AudioPerceptionModule",)
+ENCODERS: tuple[str, ...] = ("speech_models.perception.ConformerEncoder",)
+SPEECH_DECODERS: tuple[str, ...] = ("speech_models.duplex_s2s_speech_decoder.TransformerARSpeechDecoder",)
+ALLOWED_TARGETS: tuple[str, ...] = OPTIMIZERS + LR_SCHEDULERS + PERCEPTION_MODULES + ENCODERS + SPEECH_DECODERS
 
 
 def canonical_target(target: str) -> str:
@@ -47,35 +94,96 @@ def canonical_target(target: str) -> str:
     return NEMO_TARGETS.get(target, target)
 
 
-def target_problem(target: str) -> str | None:
-    """Why `target` cannot be used, or None when it can (checked without importing it)."""
-    resolved = canonical_target(target)
-    module_name, _, attr = resolved.rpartition(".")
-    if not module_name or not attr:
-        return f"{target!r} is not a dotted class path like 'torch.optim.AdamW'"
-    if not any(module_name == m or module_name.startswith(m + ".") for m in ALLOWED_MODULES):
+def target_problem(target: str, allowed: Iterable[str] = ALLOWED_TARGETS, what: str = "target") -> str | None:
+    """Why `target` cannot be used for a key that takes one of `allowed` (`what` names them), or None.
+
+    An allowed target is resolved here (imported and looked up), so a name that does not exist in the
+    installed version is reported at validation, with a did-you-mean.
+    """
+    allowed = tuple(allowed)
+    resolved = canonical_target(str(target))
+    if resolved not in allowed:
+        by_short_name = {name.rpartition(".")[2].lower(): name for name in allowed}
+        close = difflib.get_close_matches(resolved, allowed, n=1, cutoff=0.6) or [
+            by_short_name[m]
+            for m in difflib.get_close_matches(resolved.rpartition(".")[2].lower(), by_short_name, n=1, cutoff=0.6)
+        ]
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        shown = ", ".join(a.rpartition(".")[2] for a in allowed)
         return (
-            f"{target!r} is outside the allowed modules ({', '.join(ALLOWED_MODULES)}); "
-            "a config file may not import arbitrary code"
+            f"{target!r} is not an allowed {what}; a config may only name one of: {shown} "
+            f"(e.g. {allowed[0]}); nothing else is imported from a config.{hint}"
         )
+    try:
+        _import(resolved)
+    except (ImportError, AttributeError) as exc:
+        return f"{target!r} cannot be resolved in this installation ({type(exc).__name__}: {exc})"
     return None
 
 
-def resolve_target(target: str) -> Any:
-    """Import the (allow-listed) object that `target` names."""
-    problem = target_problem(target)
+def _import(path: str) -> Any:
+    module_name, _, attr = path.rpartition(".")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def resolve_target(target: str, allowed: Iterable[str] = ALLOWED_TARGETS, what: str = "target") -> Any:
+    """The allow-listed class or factory that `target` names; ValueError for anything else."""
+    problem = target_problem(target, allowed, what)
     if problem:
         raise ValueError(problem)
-    module_name, _, attr = canonical_target(target).rpartition(".")
-    module = importlib.import_module(module_name)
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ValueError(f"{target!r}: module {module_name!r} has no attribute {attr!r}") from None
+    return _import(canonical_target(target))
+
+
+def argument_problems(spec: dict[str, Any], allowed: Iterable[str], what: str) -> list[str]:
+    """Problems with a `{_target_: ..., **kwargs}` spec: its target, then each keyword argument checked against
+    the target's signature (unknown, missing, or not a finite number where the default is a number)."""
+    target = spec.get("_target_") or spec.get("target")
+    if not target:
+        return [f"missing _target_ (e.g. _target_: {next(iter(allowed))})"]
+    if problem := target_problem(str(target), allowed, what):
+        return [f"_target_: {problem}"]
+    factory = _import(canonical_target(str(target)))
+    kwargs = {k: v for k, v in spec.items() if k not in ("_target_", "target")}
+    parameters = list(inspect.signature(factory).parameters.values())[1:]  # the first one the loop passes
+    by_name = {p.name: p for p in parameters}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    name = str(target).rpartition(".")[2]
+    problems = []
+    for key, value in kwargs.items():
+        param = by_name.get(key)
+        if param is None:
+            if not takes_any:
+                problems.append(
+                    f"{key}: {name} takes no argument {key!r}; its arguments are "
+                    f"{', '.join(by_name) or 'none'}.{did_you_mean(key, by_name)}"
+                )
+            continue
+        if (problem := _number_problem(value, param.default)) is not None:
+            problems.append(f"{key}: {problem}")
+    for param in parameters:
+        required = param.default is inspect.Parameter.empty and param.kind in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.KEYWORD_ONLY,
+        )
+        if required and param.name not in kwargs:
+            problems.append(f"{param.name}: {name} needs it; add {param.name}: VALUE")
+    return problems
+
+
+def _number_problem(value: Any, default: Any) -> str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value} is not a finite number"
+    if isinstance(value, (list, tuple)):
+        return next((p for v in value if (p := _number_problem(v, None)) is not None), None)
+    numeric_default = isinstance(default, (int, float)) and not isinstance(default, bool)
+    if numeric_default and isinstance(value, (str, bool)):
+        return f"{value!r} is not a number (the default is {default})"
+    return None
 
 
 def instantiate(spec: dict[str, Any], *args: Any, **extra: Any) -> Any:
-    """Call the class named by spec['_target_'] with the other keys (plus `extra`) as keyword arguments."""
+    """Call the allow-listed class named by spec['_target_'] with the other keys (plus `extra`) as keyword
+    arguments."""
     kwargs = {k: v for k, v in spec.items() if k not in ("_target_", "target")}
     kwargs.update(extra)
     return resolve_target(spec.get("_target_") or spec["target"])(*args, **kwargs)

@@ -49,3 +49,19 @@ def absolute_if_exists(value: Any) -> Any:
     if isinstance(value, str) and not is_url(value) and Path(local_path(value)).exists():
         return absolute(value)
     return value
+
+
+def too_broad_problem(path: str) -> str | None:
+    """Why `path` is no place for a run or a sweep to write into (a filesystem root, the home directory, a
+    bucket's root), or None. Run and sweep dirs get checkpoints, databases and result files written into them."""
+    if is_url(path):
+        bucket_and_key = path.split("://", 1)[1].strip("/")
+        if "/" not in bucket_and_key:
+            return f"{path!r} is the root of a bucket (use a prefix inside it, e.g. {path.rstrip('/')}/runs/<name>)"
+        return None
+    resolved = Path(absolute(path))
+    if resolved == Path(resolved.anchor):
+        return f"{path!r} is the root of the filesystem"
+    if resolved == Path.home().resolve():
+        return f"{path!r} is your home directory"
+    return None
