@@ -1,13 +1,18 @@
 """YAML + overrides -> one validated `ExperimentConfig`, or a `ConfigError` listing every problem.
 
-The steps, in order: load YAML, apply command-line overrides, resolve `${...}` interpolation key by key
-(so one broken reference does not hide the rest), translate NeMo spellings, type every value against the
-schema, then run the cross-key checks.
+The steps, in order: load YAML (`yaml_files`), apply command-line overrides, resolve `${...}` interpolation key
+by key (so one broken reference does not hide the rest), translate NeMo spellings, type every value against the
+schema, then run the cross-key checks. There is no size limit below what real datasets need: long lists of
+shard URLs skip OmegaConf, and `yaml_files` lifts OmegaConf's 10,000-node cap.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +24,9 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from orchestrator.config.checks import check_experiment
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.nemo_compat import apply_nemo_compat
-from orchestrator.config.overrides import OverrideError, apply_overrides
+from orchestrator.config.overrides import OverrideError, apply_overrides, parse_value
 from orchestrator.config.schema import ExperimentConfig
+from orchestrator.config.yaml_files import read_yaml
 from speech_models.typed_data import build
 
 
@@ -54,31 +60,65 @@ def find_config_file(config: str | None, config_path: str | None = None, config_
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> LoadedConfig:
     """Load, override, resolve and validate one experiment config."""
-    source = str(path)
-    try:
-        raw = OmegaConf.load(source)
-    except (OSError, yaml.YAMLError, OmegaConfBaseException) as exc:
-        raise ConfigError([f"cannot read YAML: {exc}"], source) from None
-    if not isinstance(raw, DictConfig):
-        raise ConfigError(["the top level must be a mapping with model/trainer/exp_manager/data"], source)
-    return experiment_from_omegaconf(raw, overrides or [], source)
+    return experiment_from_dict(read_yaml(path, "config"), overrides, str(path))
 
 
 def experiment_from_dict(
     data: dict[str, Any], overrides: list[str] | None = None, source: str = "config"
 ) -> LoadedConfig:
     """Validate an already-loaded config dict (e.g. the resolved config saved in a checkpoint)."""
-    return experiment_from_omegaconf(OmegaConf.create(data), overrides or [], source)
+    plain, problems, _ = _resolve_config(data, overrides or [], source)
+    return _validated(plain, problems, source)
 
 
-def experiment_from_omegaconf(raw: DictConfig, overrides: list[str], source: str) -> LoadedConfig:
+def load_experiment_variants(
+    path: str | Path, overrides: list[str], variants: Sequence[str]
+) -> Iterator[tuple[str, ConfigError | None]]:
+    """(variant, its ConfigError or None) for each `key=value` in `variants`, each applied alone after `overrides`:
+    what loading the config with `[*overrides, variant]` would report, computed without re-reading the file.
+
+    A sweep validates every candidate value this way (a 1,500-value grid in seconds). A variant whose key takes
+    part in an interpolation (`max_steps: ${trainer.max_steps}`) goes through the whole load.
+    """
+    source = str(path)
+    data = read_yaml(path, "config")
+    base, base_problems, references = _resolve_config(copy.deepcopy(data), overrides, source)
+    for variant in variants:
+        key, _, text = variant.partition("=")
+        plain = None
+        if not base_problems and not _touches(key, references) and "${" not in text:
+            plain = _with_value(copy.deepcopy(base), key, parse_value(text))
+        try:
+            if plain is None:
+                experiment_from_dict(copy.deepcopy(data), [*overrides, variant], source)
+            else:
+                _validated(plain, [], source)
+        except ConfigError as exc:
+            yield variant, exc
+        else:
+            yield variant, None
+
+
+def _resolve_config(data: Any, overrides: list[str], source: str) -> tuple[Any, list[str], set[str] | None]:
+    """(plain data with overrides applied and interpolations resolved, problems so far, the keys interpolations
+    refer to (None: some reference cannot be told statically)). Long lists of plain values (shard URLs) bypass
+    OmegaConf, which would spend a minute on 600,000 of them and has nothing to resolve in them."""
+    if not isinstance(data, dict):
+        raise ConfigError(["the top level must be a mapping with model/trainer/exp_manager/data"], source)
+    data, stash = _stash_long_lists(data, overrides)
     try:
+        raw = OmegaConf.create(data)
         apply_overrides(raw, overrides)
     except (OverrideError, OmegaConfBaseException) as exc:
         raise ConfigError([str(exc)], source) from None
     problems: list[str] = []
-    warnings: list[str] = []
     plain = _resolve(raw, _with_schema_defaults(raw), "", problems)
+    return _unstash(plain, stash), problems, _interpolation_targets(OmegaConf.to_container(raw, resolve=False))
+
+
+def _validated(plain: Any, problems: list[str], source: str) -> LoadedConfig:
+    """NeMo spellings translated, every value typed against the schema, the cross-key checks run."""
+    warnings: list[str] = []
     plain = apply_nemo_compat(plain, problems, warnings)
     cfg = build(ExperimentConfig, plain, "", problems)
     if cfg is not None:
@@ -88,10 +128,119 @@ def experiment_from_omegaconf(raw: DictConfig, overrides: list[str], source: str
     return LoadedConfig(cfg=cfg, source=source, warnings=warnings)
 
 
+# ------------------------------------------------------------------------------------------ long lists
+
+
+_LONG_LIST = 256  # items: shorter lists go through OmegaConf like everything else
+_TOKEN = "__speechlm_long_list_{}__"
+
+
+def _stash_long_lists(data: Any, overrides: list[str]) -> tuple[Any, list[list[Any]]]:
+    """`data` with every long list of plain values (no interpolation, no override into it) replaced by a token."""
+    targets = [o.lstrip("~+").split("=", 1)[0] for o in overrides]
+    stash: list[list[Any]] = []
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if not isinstance(value, list):
+            return value
+        plain = all(v is None or isinstance(v, (str, int, float, bool)) for v in value)
+        if (
+            len(value) >= _LONG_LIST
+            and plain
+            and not any(isinstance(v, str) and "${" in v for v in value)
+            and not any(t.startswith(path + ".") for t in targets)
+        ):
+            stash.append(value)
+            return _TOKEN.format(len(stash) - 1)
+        return [walk(v, f"{path}.{i}") for i, v in enumerate(value)]
+
+    return walk(data, ""), stash
+
+
+def _unstash(value: Any, stash: list[list[Any]]) -> Any:
+    if not stash:
+        return value
+    if isinstance(value, dict):
+        return {k: _unstash(v, stash) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unstash(v, stash) for v in value]
+    if isinstance(value, str) and value.startswith("__speechlm_long_list_") and value.endswith("__"):
+        index = value[len("__speechlm_long_list_") : -2]
+        if index.isdigit() and int(index) < len(stash):
+            return list(stash[int(index)])
+    return value
+
+
+# ------------------------------------------------------------------------------------------ variants
+
+
+_INTERPOLATION = re.compile(r"\$\{([^${}]*)\}")
+
+
+def _interpolation_targets(data: Any) -> set[str] | None:
+    """The keys that `${...}` interpolations in `data` refer to; None when one cannot be told (relative,
+    nested or custom-resolver references), which sends every variant through the whole load."""
+    found: set[str] = set()
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str) and "${" in value:
+            inner = _INTERPOLATION.findall(value)
+            if value.count("${") != len(inner):
+                return None  # nested interpolation
+            for ref in inner:
+                if ref.startswith("oc.env:"):
+                    continue
+                if ref.startswith(".") or ":" in ref:
+                    return None
+                found.add(ref.strip())
+    return found
+
+
+def _touches(key: str, references: set[str] | None) -> bool:
+    """Whether changing `key` can change a value that an interpolation computes."""
+    if references is None:
+        return True
+    return any(r == key or r.startswith(key + ".") or key.startswith(r + ".") for r in references)
+
+
+def _with_value(plain: Any, key: str, value: Any) -> Any:
+    """`plain` with the dotted `key` set to `value` (as an override would); None when the key runs through
+    something that is not a mapping or an in-range list index (the caller then does the whole load)."""
+    parts = key.lstrip("+").split(".")
+    node = plain
+    for part in parts[:-1]:
+        if isinstance(node, dict):
+            node = node.setdefault(part, {})
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    last = parts[-1]
+    if isinstance(node, dict):
+        node[last] = value
+    elif isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node[int(last)] = value
+    else:
+        return None
+    return plain
+
+
 def _with_schema_defaults(raw: DictConfig) -> DictConfig:
     """The user's config laid over the schema defaults, so `${name}` or `${data.target_sample_rate}` resolve
     even when the user's YAML leaves those keys to their defaults (NeMo's documented snippets do)."""
-    return OmegaConf.merge(OmegaConf.create(to_dict(ExperimentConfig())), raw)
+    return OmegaConf.merge(_schema_defaults(), raw)
+
+
+@functools.cache
+def _schema_defaults() -> DictConfig:
+    return OmegaConf.create(to_dict(ExperimentConfig()))  # merge copies it: never changed in place
 
 
 def _resolve(user: Any, merged: Any, path: str, problems: list[str]) -> Any:

@@ -2,19 +2,40 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from orchestrator.config.schema import DatasetConfig, ExperimentConfig
 from orchestrator.storage.run_dirs import run_dir
 from orchestrator.tracking.mlflow_runs import experiment_name_for, tracking_uri_for
 from speech_models.registry import entry_for
 
 
+def _shar_paths(value: Any) -> list[str]:
+    """Every documented `shar_path` form as short text: a dir, a list of dirs or of NeMo's [dir, weight] pairs,
+    or {field: [shard URLs]}."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, dict):
+        fields = ", ".join(f"{k}: {len(v) if isinstance(v, list) else 1} shards" for k, v in value.items())
+        first = next(iter(value.get("cuts") or [None]), None)
+        return [f"{{{fields}}}" + (f" from {first}" if first else "")]
+    if isinstance(value, list):
+        out: list[str] = []
+        for entry in value:
+            if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], (int, float)):
+                out.append(f"{entry[0]} (weight {entry[1]:g})")
+            else:
+                out.extend(_shar_paths(entry))
+        return out
+    return [str(value)]
+
+
 def _data_sources(ds: DatasetConfig) -> str:
-    paths: list[str] = []
-    for entry in [ds.shar_path, *[e.shar_path or e.cuts_path for e in ds.input_cfg]]:
-        if isinstance(entry, list):
-            paths.extend(entry)
-        elif entry:
-            paths.append(entry)
+    paths = _shar_paths(ds.shar_path)
+    for entry in ds.input_cfg:
+        paths.extend(_shar_paths(entry.shar_path or entry.cuts_path))
+    if len(paths) > 4:
+        paths = [*paths[:3], f"... ({len(paths)} in all)"]
     return ", ".join(paths) or "(none)"
 
 

@@ -101,7 +101,9 @@ def describe(loaded: LoadedSweep) -> str:
         lines.append("fixed: " + " ".join(loaded.fixed_overrides))
     for p in loaded.params:
         if p.discrete:
-            shown = ", ".join(map(str, p.options))
+            shown = ", ".join(map(str, p.options[:12])) + (
+                f", ... ({len(p.options)} values)" if len(p.options) > 12 else ""
+            )
             lines.append(f"  {p.key}: {p.kind} [{shown}]" + (" (presets)" if p.presets else ""))
         else:
             lines.append(f"  {p.key}: {p.kind} {list(p.bounds)}")

@@ -35,9 +35,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from orchestrator.config import ConfigError, ExperimentConfig, LoadedConfig, load_experiment
-from orchestrator.config.checks import produced_metrics
+from orchestrator.config.checks import name_problem, produced_metrics
+from orchestrator.config.loader import load_experiment_variants
 from orchestrator.config.overrides import OverrideError, apply_overrides
-from orchestrator.storage.paths import absolute
+from orchestrator.config.yaml_files import read_yaml
+from orchestrator.storage.paths import absolute, too_broad_problem
 from speech_models.registry import entry_for
 from speech_models.typed_data import build, did_you_mean, key_problem
 
@@ -221,12 +223,13 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, smoke: bool
         if parent.is_dir():
             hint = f"; specs in {parent}: {', '.join(sorted(p.name for p in parent.glob('*.yaml'))) or 'none'}"
         raise ConfigError([f"sweep spec {source!r} does not exist{hint}"], source)
-    try:
-        raw = OmegaConf.load(source)
-    except (OSError, OmegaConfBaseException, ValueError) as exc:
-        raise ConfigError([f"cannot read YAML: {exc}"], source) from None
-    if not isinstance(raw, DictConfig):
+    data = read_yaml(source, "sweep spec")
+    if not isinstance(data, dict):
         raise ConfigError(["the top level must be a mapping (name, base, search_space, metric, ...)"], source)
+    try:
+        raw = OmegaConf.create(data)
+    except OmegaConfBaseException as exc:
+        raise ConfigError([f"cannot read the spec: {exc}"], source) from None
     return sweep_from_omegaconf(raw, overrides or [], source, smoke)
 
 
@@ -331,8 +334,10 @@ def _check_search_space_shapes(space: Any, problems: list[str]) -> None:
 def _check_top_level(spec: SweepSpec, problems: list[str]) -> None:
     if not spec.name:
         problems.append("name: required; it names the sweep directory and the MLflow parent run")
-    elif not _NAME.match(spec.name):
+    elif not _NAME.match(spec.name) or name_problem(spec.name):
         problems.append(f"name: {spec.name!r} must be letters, digits, '_', '.', '-' (it is a directory name)")
+    if spec.output_dir is not None and (problem := too_broad_problem(spec.output_dir)):
+        problems.append(f"output_dir: {problem}; give the sweep a directory of its own (e.g. experiments/sweeps/NAME)")
     if not spec.base:
         problems.append("base: required; the experiment config every trial starts from (e.g. configs/salm.yaml)")
     if spec.num_samples < 1:
@@ -473,13 +478,15 @@ def _load_base(base_path: str, fixed: list[str], problems: list[str]) -> LoadedC
 
 def _check_candidates(base_path: str, fixed: list[str], params: list[SweptParam], problems: list[str]) -> None:
     """Load the base config with each candidate value of each swept key (the others at the base's values)."""
+    labels = {}
     for param in params:
         for candidate in param.candidates():
-            try:
-                load_experiment(base_path, [*fixed, param.override(candidate)])
-            except ConfigError as exc:
-                label = f"preset {candidate!r}" if param.presets else f"value {_short(candidate)}"
-                problems.extend(f"search_space.{param.key}: {label}: {p}" for p in exc.problems)
+            label = f"preset {candidate!r}" if param.presets else f"value {_short(candidate)}"
+            labels[param.override(candidate)] = (param.key, label)
+    for variant, error in load_experiment_variants(base_path, fixed, list(labels)):
+        if error is not None:
+            key, label = labels[variant]
+            problems.extend(f"search_space.{key}: {label}: {p}" for p in error.problems)
 
 
 def reported_metrics(cfg: ExperimentConfig) -> list[str]:
