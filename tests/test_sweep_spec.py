@@ -308,7 +308,7 @@ def test_pbt_refuses_keys_a_checkpoint_fixes():
     assert len(problems) == 1 and problems[0].startswith("search_space.model.lora.r: PBT copies checkpoints")
 
 
-def test_cli_takes_overrides_after_flags_and_names_the_bad_metric(capsys: pytest.CaptureFixture[str]):
+def test_cli_takes_overrides_after_flags_and_names_the_bad_metric(capsys: pytest.CaptureFixture[str], tmp_path: Path):
     from orchestrator.cli.main import main
 
     path = str(ROOT / "sweeps" / "demo" / "s2s_loss_weights.yaml")
@@ -316,6 +316,20 @@ def test_cli_takes_overrides_after_flags_and_names_the_bad_metric(capsys: pytest
     err = capsys.readouterr().err
     assert "metric: 'val_text_los' is not reported by a duplex_s2s run" in err
     assert "Did you mean 'val_text_loss'?" in err
-    assert main(["sweep", path, "--validate", "num_samples=2"]) == 0
+    # the base config's local data and models must exist: point them at a tiny set
+    from orchestrator.demo.synthetic_shar import write_synthetic_shar
+
+    shar = write_synthetic_shar(tmp_path / "s2s", n_cuts=2, n_shards=1, with_target_audio=True)
+    (tmp_path / "llm").mkdir()
+    (tmp_path / "codec").mkdir()
+    paths = [
+        f"data.train_ds.input_cfg.0.shar_path={shar}",
+        f"data.validation_ds.datasets.demo_val.shar_path={shar}",
+        f"model.pretrained_llm={tmp_path / 'llm'}",
+        f"model.pretrained_audio_codec={tmp_path / 'codec'}",
+    ]
+    assert main(["sweep", path, "--validate", "num_samples=2"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["sweep", path, "--validate", "num_samples=2", *paths]) == 0
     with pytest.raises(SystemExit):
         main(["sweep", path, "--validate", "--no-such-flag"])

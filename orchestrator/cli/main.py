@@ -35,9 +35,12 @@ def load_from_args(args: argparse.Namespace) -> LoadedConfig:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from orchestrator.config.sources import source_problems
     from orchestrator.config.summary import summarize
 
     loaded = load_from_args(args)
+    if problems := source_problems(loaded.cfg):
+        raise ConfigError(problems, loaded.source)
     for warning in loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(summarize(loaded.cfg, loaded.source))

@@ -15,9 +15,17 @@ from orchestrator.cli.common import EXIT_FAILED, EXIT_OK
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from orchestrator.config import ConfigError
+    from orchestrator.config.sources import source_problems, url_problem
+    from orchestrator.storage.paths import is_url
     from orchestrator.sweep.spec import load_sweep
 
     loaded = load_sweep(args.spec, args.overrides, smoke=args.smoke)
+    problems = [f"base config {loaded.base_path}: {p}" for p in source_problems(loaded.base.cfg)]
+    if is_url(loaded.sweep_dir) and (problem := url_problem(loaded.sweep_dir)):
+        problems.append(f"output_dir: {problem}")
+    if problems:
+        raise ConfigError(problems, loaded.source)
     for warning in loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.validate_only:

@@ -159,3 +159,43 @@ def list_names(directory: str, prefix: str = "", dirs_only: bool = False) -> lis
         for i in infos
         if i.base_name.startswith(prefix) and (not dirs_only or i.type == pafs.FileType.Directory)
     )
+
+
+# ------------------------------------------------------------------------------------- credentials, offline
+
+_EC2_HINTS = (
+    ("/sys/devices/virtual/dmi/id/sys_vendor", "Amazon EC2"),  # Nitro instances
+    ("/sys/devices/virtual/dmi/id/board_asset_tag", "i-"),
+    ("/sys/hypervisor/uuid", "ec2"),  # Xen instances
+)
+
+
+def s3_credentials_visible(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether any AWS credential source is visible to this process without touching the network: keys in the
+    env, a profile, web identity (EKS), a container role (ECS), the shared files, or an EC2 instance (whose
+    profile is asked over the network only when used). False means every S3 request would fail with
+    NoCredentialsError, which `speechlm validate` can say before a cluster job does."""
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        return True
+    sources = (
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    )
+    if any(env.get(k) for k in sources):
+        return True
+    files = (env.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"), env.get("AWS_CONFIG_FILE", "~/.aws/config"))
+    if any(os.path.isfile(os.path.expanduser(f)) for f in files):
+        return True
+    if env.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
+        return False
+    for path, prefix in _EC2_HINTS:
+        try:
+            with open(path) as f:
+                if f.read().strip().startswith(prefix):
+                    return True
+        except OSError:
+            continue
+    return False

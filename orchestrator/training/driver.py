@@ -133,10 +133,13 @@ def run_training(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from orchestrator.config.sources import source_problems
     from orchestrator.data.datasets import build_datasets, ray_data_config
     from orchestrator.data.plan import validation_sets
     from orchestrator.training.loop import LoopSettings, train_loop_per_worker
 
+    if problems := source_problems(cfg):  # before a cluster is joined: missing data, no credentials
+        raise ConfigError(problems, source)
     connect_ray()
     # The per-operator progress bars of Ray Data would bury the training progress lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
