@@ -12,6 +12,7 @@ never valid numbers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -164,10 +165,8 @@ def _convert_scalar(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             number = float(value)
         elif isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 number = float(value)
-            except ValueError:
-                pass
         if number is not None and math.isfinite(number):
             return number
         if number is not None:  # nan, inf, -inf: no setting means that; null means "unset" where allowed
