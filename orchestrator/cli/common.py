@@ -10,8 +10,10 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def bad_input(exc: BaseException | str) -> int:
-    """Print `error: <what and how to fix it>` and return the bad-input exit code."""
-    print(f"error: {exc}", file=sys.stderr)
+    """Print `error: <what and how to fix it>` (credentials masked) and return the bad-input exit code."""
+    from orchestrator.redaction import redact
+
+    print(f"error: {redact(str(exc))}", file=sys.stderr)
     return EXIT_BAD_INPUT
 
 

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 
 from orchestrator import __version__
-from orchestrator.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, bad_input
 from orchestrator.config import ConfigError, LoadedConfig, find_config_file, load_experiment
 
 
@@ -109,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return func(args)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return bad_input(exc)
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130

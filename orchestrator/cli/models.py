@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, bad_input
+from orchestrator.redaction import redact
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -129,7 +130,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if result.reload_max_diff is not None:
         print(f"  reloaded export vs checkpoint logits: max |diff| {result.reload_max_diff:.3g}")
     if result.registered:
-        print(f"  registered in MLflow as {result.registered} ({result.tracking_uri})")
+        print(f"  registered in MLflow as {result.registered} ({redact(result.tracking_uri or '')})")
     print(f"  load it with: {result.model_class}.from_pretrained({result.out_dir!r})")
     return EXIT_OK
 

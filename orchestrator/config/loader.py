@@ -27,6 +27,7 @@ from orchestrator.config.nemo_compat import apply_nemo_compat
 from orchestrator.config.overrides import OverrideError, apply_overrides, parse_value
 from orchestrator.config.schema import ExperimentConfig
 from orchestrator.config.yaml_files import read_yaml
+from orchestrator.redaction import redact_data
 from speech_models.typed_data import build
 
 
@@ -280,8 +281,10 @@ def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:
-    """The resolved config as YAML that `speechlm train` accepts back unchanged."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=120)
+    """The resolved config as YAML that `speechlm train` accepts back, with credentials masked (`redaction`):
+    every config the project writes (checkpoints, MLflow artifacts, best_config.yaml) goes through here."""
+    data = redact_data(to_dict(cfg))
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120)
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from orchestrator.config.schema import DatasetConfig, ExperimentConfig
+from orchestrator.redaction import redact
 from orchestrator.storage.run_dirs import run_dir
 from orchestrator.tracking.mlflow_runs import experiment_name_for, tracking_uri_for
 from speech_models.registry import entry_for
@@ -80,4 +81,4 @@ def summarize(cfg: ExperimentConfig, source: str) -> str:
         f"run dir      {directory}",
         f"mlflow       {tracking_uri_for(cfg.exp_manager, directory)}  experiment={experiment_name_for(cfg.exp_manager)}",
     ]
-    return "\n".join(lines)
+    return redact("\n".join(lines))

@@ -37,6 +37,7 @@ import numpy as np
 from orchestrator.config import DatasetConfig
 from orchestrator.config.schema import InputConfig
 from orchestrator.inference.sources import ModelSource, SourceError, describe, resolve_source
+from orchestrator.redaction import redact
 from orchestrator.storage.paths import absolute, is_url
 from orchestrator.tracking import mlflow_runs
 from speech_models.metrics import corpus_bleu
@@ -513,7 +514,7 @@ def format_report(report: EvalReport) -> str:
             lines.append(f"  not scored: {dropped} (the set's duration/text filters, as in validation)")
         lines.append(f"  manifest: {s.manifest}")
     if report.mlflow_run_id:
-        lines.append(f"MLflow run {report.mlflow_run_id} at {report.tracking_uri}")
+        lines.append(f"MLflow run {report.mlflow_run_id} at {redact(report.tracking_uri or '')}")
     lines.append("=" * 80)
     return "\n".join(lines)
 

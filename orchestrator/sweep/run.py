@@ -36,6 +36,7 @@ import yaml
 from ray import tune
 
 from orchestrator.config import ConfigError, flatten
+from orchestrator.redaction import redact
 from orchestrator.storage.checkpoints import latest_checkpoint
 from orchestrator.storage.paths import is_url
 from orchestrator.sweep import report, search_space, trial_runs
@@ -476,7 +477,7 @@ def finish_sweep(context: SweepContext, records: list, elapsed: float, interrupt
     if interrupted:
         lines.append(f"resume with:   speechlm sweep {loaded.source} --resume")
     lines.append("=" * 100)
-    print("\n".join(lines), flush=True)
+    print(redact("\n".join(lines)), flush=True)
     all_failed = bool(records) and all(r.status == "failed" for r in records)
     return SweepOutcome(
         ok=not interrupted and not all_failed,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from orchestrator.redaction import redact
 from orchestrator.sweep.spec import LoadedSweep, SweptParam
 
 TIME_ATTR = "step"  # present in every result a trial reports to Tune (validation results only)
@@ -116,4 +117,4 @@ def describe(loaded: LoadedSweep) -> str:
         f"metric: {spec.metric} ({spec.mode}) | search: {spec.search_alg.type} | scheduler: {stopping} | "
         f"samples: {spec.num_samples} | max steps: {loaded.max_steps}"
     )
-    return "\n".join(lines)
+    return redact("\n".join(lines))

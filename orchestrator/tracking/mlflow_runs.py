@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import __version__
+from orchestrator.redaction import REDACTED, is_redacted, is_secret_key, redact
 from orchestrator.storage.paths import is_url
 from orchestrator.storage.run_dirs import DEFAULT_EXP_DIR
 
@@ -56,6 +57,19 @@ def tracking_uri_for(exp: ExpManagerConfig, run_dir: str) -> str:
     object storage the database goes to a local folder instead (SQLite cannot live on S3).
     """
     explicit = exp.mlflow_logger_kwargs.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    if is_redacted(explicit):  # a saved config: its credentials were masked when it was written
+        explicit = os.environ.get("MLFLOW_TRACKING_URI")
+        if not explicit:
+            from orchestrator.config.errors import ConfigError
+
+            raise ConfigError(
+                [
+                    f"exp_manager.mlflow_logger_kwargs.tracking_uri: {exp.mlflow_logger_kwargs['tracking_uri']!r} "
+                    "had its credentials removed when the config was saved; set MLFLOW_TRACKING_URI (or pass "
+                    "--tracking-uri), with the credentials in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+                ],
+                "saved config",
+            )
     if explicit:
         return str(explicit)
     return default_tracking_uri(None if is_url(run_dir) else run_dir)
@@ -128,6 +142,7 @@ def start_or_resume_run(
 
     client = _client(tracking_uri)
     experiment_id = _experiment_id(client, tracking_uri, experiment_name)
+    run_dir = redact(run_dir)  # tags are stored as written: never with a credential in them
     existing = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir}'",
@@ -144,13 +159,16 @@ def start_or_resume_run(
         "speechlm.version": __version__,
         "git.commit": git_commit(),
         "mlflow.runName": run_name,
-        **tags,
+        **{k: redact(str(v)) for k, v in tags.items()},
     }
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
     run_id = run.info.run_id
-    items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+    items = [
+        Param(k, REDACTED if is_secret_key(k.rsplit(".", 1)[-1]) else _param_value(v))
+        for k, v in sorted(params.items())
+    ]
     for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
         client.log_batch(run_id, params=items[start : start + 100])
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in all_tags.items() if k == "mlflow.runName"])
@@ -158,7 +176,7 @@ def start_or_resume_run(
 
 
 def _param_value(value: Any) -> str:
-    text = str(value)
+    text = redact(str(value))
     return text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
 
 
@@ -195,9 +213,10 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, Any], step
 
 
 def log_text_artifact(tracking_uri: str, run_id: str, text: str, file_name: str) -> None:
+    """`text` (credentials masked) as the run's artifact `file_name`."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / file_name
-        path.write_text(text)
+        path.write_text(redact(text))
         log_files(tracking_uri, run_id, [path])
 
 
@@ -214,7 +233,7 @@ def log_dir(tracking_uri: str, run_id: str, directory: Path | str, artifact_path
 def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, str]) -> None:
     client = _client(tracking_uri)
     for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+        client.set_tag(run_id, key, redact(str(value)))
 
 
 def terminate(tracking_uri: str, run_id: str, status: str) -> None:
@@ -234,7 +253,7 @@ def find_runs(
         experiment_ids = [e.experiment_id for e in client.search_experiments()]
     if not experiment_ids:
         return []
-    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    query = " and ".join(f"tags.`{key}` = '{redact(str(value))}'" for key, value in tags.items())
     runs = client.search_runs(
         experiment_ids, filter_string=query, max_results=max_results, order_by=["start_time DESC"]
     )
@@ -292,7 +311,7 @@ def finish_run(tracking_uri: str, run_id: str, status: str, tags: dict[str, str]
     """Curves PNG, final tags and the terminal status (FINISHED / FAILED / KILLED)."""
     client = _client(tracking_uri)
     for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+        client.set_tag(run_id, key, redact(str(value)))
     with tempfile.TemporaryDirectory() as tmp:
         png = plot_curves(tracking_uri, run_id, curve_keys, Path(tmp) / "curves.png")
         if png is not None:
@@ -309,8 +328,8 @@ def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, 
 def ui_command(tracking_uri: str) -> str:
     """The command a user runs to browse this tracking store."""
     if tracking_uri.startswith(("http://", "https://", "databricks")):
-        return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri} --port 5000   # then open http://127.0.0.1:5000"
+        return redact(f"open {tracking_uri}")
+    return redact(f"mlflow ui --backend-store-uri {tracking_uri} --port 5000   # then open http://127.0.0.1:5000")
 
 
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # a user-chosen ./mlruns store keeps working on 3.13+

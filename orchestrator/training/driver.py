@@ -16,6 +16,7 @@ from typing import Any
 
 from orchestrator.config import ExperimentConfig, flatten, to_dict, to_yaml
 from orchestrator.config.errors import ConfigError
+from orchestrator.redaction import redact
 from orchestrator.storage import checkpoints, filesystems
 from orchestrator.storage.paths import absolute_if_exists
 from orchestrator.storage.run_dirs import run_dir, split_run_dir
@@ -148,9 +149,11 @@ def run_training(
     resume_from = decide_resume(cfg, directory)
     resources = plan_resources(cfg, ray.cluster_resources())
     print(
-        f"run dir: {directory}\nworkers: {resources.num_workers} x "
-        f"({'1 GPU, ' if resources.use_gpu else ''}{resources.cpus_per_worker:g} CPU)"
-        + (f"\nresuming from {resume_from}" if resume_from else ""),
+        redact(
+            f"run dir: {directory}\nworkers: {resources.num_workers} x "
+            f"({'1 GPU, ' if resources.use_gpu else ''}{resources.cpus_per_worker:g} CPU)"
+            + (f"\nresuming from {resume_from}" if resume_from else "")
+        ),
         flush=True,
     )
 
@@ -287,4 +290,4 @@ def print_summary(result: TrainingResult, entry: ModelEntry) -> None:
                 (first_step, first), (last_step, last) = history[0], history[-1]
                 lines.append(f"{key}:          {first:.3f} at step {first_step} -> {last:.3f} at step {last_step}")
     lines.append("=" * 80)
-    print("\n".join(lines), flush=True)
+    print(redact("\n".join(lines)), flush=True)
