@@ -15,7 +15,7 @@ import pytest
 
 from orchestrator.demo import grammar, synth
 from orchestrator.demo.assets import AGENT_SAMPLE_RATE, USER_SAMPLE_RATE, make_demo_assets
-from orchestrator.storage.atomic import PARTIAL_MARKER
+from orchestrator.storage.atomic import marker_for
 from speech_models.testing import DEFAULT_TINY_CORPUS, build_tiny_llm_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,8 +184,8 @@ def test_demo_redoes_an_interrupted_split(tmp_path: Path):
     (tmp_path / "DONE.json").unlink()
     split = tmp_path / "asr" / "test"
     partial = tmp_path / "asr" / ".test.partial"
-    split.rename(partial)  # as if killed while writing: the in-progress marker is still there
-    (partial / PARTIAL_MARKER).write_text("{}")
+    split.rename(partial)  # as if killed while writing: the in-progress marker is still beside it
+    marker_for(partial).write_text("{}")
     summary = make_demo_assets(tmp_path, num_workers=1, **params)
     assert not summary.splits["asr"]["test"].skipped and summary.splits["asr"]["train"].skipped
     assert split.is_dir() and (tmp_path / "DONE.json").exists()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, bad_input
+from orchestrator.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, bad_input, positive_float, positive_int
 from orchestrator.redaction import redact
 
 
@@ -87,16 +87,21 @@ def cmd_infer(args: argparse.Namespace) -> int:
     except (SourceError, FileNotFoundError) as exc:
         return bad_input(exc)
     for r in results:
+        if r.error:
+            print(f"error: {r.error}", file=sys.stderr, flush=True)
+            continue
         line = f"{r.audio_path}\t{r.text}"
         if r.output_audio:
             line += f"\t-> {r.output_audio}"
         print(line, flush=True)
     seconds, audio = sum(r.seconds for r in results), sum(r.audio_seconds for r in results)
+    failed = sum(r.error is not None for r in results)
     print(
-        f"{len(results)} file(s), {audio:.1f} s of audio in {seconds:.2f} s (rtf {seconds / max(audio, 1e-9):.3f})",
+        f"{len(results) - failed} file(s), {audio:.1f} s of audio in {seconds:.2f} s (rtf {seconds / max(audio, 1e-9):.3f})"
+        + (f"; {failed} file(s) could not be read (above)" if failed else ""),
         file=sys.stderr,
     )
-    return EXIT_OK
+    return EXIT_BAD_INPUT if failed else EXIT_OK
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -145,12 +150,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--data", nargs="+", required=True, metavar="SHAR", help="Lhotse Shar dir(s) or URL(s), one set each"
     )
-    ev.add_argument("--batch-size", type=int, help="cuts per batch (default: the validation set's batching)")
-    ev.add_argument("--num-workers", type=int, help="model replicas (default: one per GPU; CPU-only: CPUs / 4)")
-    ev.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per replica (also its torch threads)")
+    ev.add_argument("--batch-size", type=positive_int, help="cuts per batch (default: the validation set's batching)")
+    ev.add_argument(
+        "--num-workers", type=positive_int, help="model replicas (default: one per GPU; CPU-only: CPUs / 4)"
+    )
+    ev.add_argument(
+        "--cpus-per-worker", type=positive_float, default=1.0, help="CPUs per replica (also its torch threads)"
+    )
     ev.add_argument("--gpu", action="store_true", help="one GPU per replica (default: when the cluster has GPUs)")
     ev.add_argument("--out", help="output dir (default: <run dir>/eval/<checkpoint>/)")
-    ev.add_argument("--max-new-tokens", type=int, help="SALM: generation cap (default: validation's rule)")
+    ev.add_argument("--max-new-tokens", type=positive_int, help="SALM: generation cap (default: validation's rule)")
     ev.add_argument(
         "--scoring-asr",
         help="duplex: ASR for ASR-BLEU, a SALM checkpoint/run dir or a transformers ASR (default: model.scoring_asr)",
@@ -165,9 +174,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     inf.add_argument("audio", nargs="+", help="audio files (any format soundfile reads), resampled as needed")
     inf.add_argument("--prompt", help="SALM: text before the audio in the user turn (default: training's context)")
     inf.add_argument("--system-prompt", help="SALM: system prompt (default: training's)")
-    inf.add_argument("--out-dir", default=".", help="duplex: where <audio stem>.agent.wav files go (default: .)")
-    inf.add_argument("--max-new-tokens", type=int, help="SALM: generation cap (default 128)")
-    inf.add_argument("--batch-size", type=int, default=8)
+    inf.add_argument(
+        "--out-dir",
+        default=".",
+        help="duplex: where <audio stem>.agent.wav files go (default: .); an existing file is never overwritten: "
+        "the next free name (<stem>.agent2.wav, ...) is used and printed",
+    )
+    inf.add_argument("--max-new-tokens", type=positive_int, help="SALM: generation cap (default 128)")
+    inf.add_argument("--batch-size", type=positive_int, default=8)
     inf.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     inf.set_defaults(func=cmd_infer)
 

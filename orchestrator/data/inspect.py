@@ -21,7 +21,7 @@ import numpy as np
 
 from orchestrator.data.shar import find_shar_dirs, is_shar_placeholder, iter_tar_entries, list_fields
 from orchestrator.storage import filesystems
-from orchestrator.storage.atomic import PARTIAL_MARKER, is_partial_dir
+from orchestrator.storage.atomic import is_partial_dir, marker_for
 from orchestrator.storage.paths import is_url, join, local_path
 
 # Bad audio members named per shard before the rest are only counted.
@@ -218,8 +218,8 @@ def inspect_shar(path_or_url: str | Path, num_threads: int = 8, decode: bool = T
     problems: list[str] = []
     if not is_url(path) and is_partial_dir(local_path(path)):
         problems.append(
-            f"{path} is an incomplete Shar set: a write was interrupted (it still holds {PARTIAL_MARKER}); re-run "
-            "the command that wrote it (it starts over), or delete this directory"
+            f"{path} is an incomplete Shar set: a write was interrupted ({marker_for(local_path(path)).name} is still "
+            "beside it); re-run the command that wrote it (it starts over), or delete this directory"
         )
     cuts_shards = fields.get("cuts", {})
     if not cuts_shards:

@@ -3,6 +3,9 @@
     checkpoint (or run dir) -> model in fp32 -> [--merge-lora: merge adapters, check logits on a probe batch]
     -> save_pretrained(DIR) -> reload DIR with from_pretrained, check its logits again -> [--register: MLflow]
 
+DIR is written aside (`storage.atomic`) and appears only once complete and checked: a crash or a failed check
+leaves no export that looks usable.
+
 Both checks run the same probe (fixed random audio) through the model's own `probe_logits` (SALM: the LM logits
 over its prompt and a fixed answer; duplex models: text and audio logits of every frame), and fail the export
 when the largest difference exceeds atol + rtol * max|logit|.
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 
 from orchestrator.inference.sources import ModelSource, SourceError, input_sample_rate, load_model, resolve_source
+from orchestrator.storage.atomic import atomic_dir
 from orchestrator.tracking import mlflow_runs
 
 logger = logging.getLogger(__name__)
@@ -100,13 +104,18 @@ def export_model(
         before = net.probe_logits(probe)
         merged = pretrained.merge_lora(net)
         merge_diff = compare_logits(before, net.probe_logits(probe), atol, rtol, "merged vs unmerged LoRA")
-    pretrained.save_pretrained(net, out, prompt=source.prompt, data=source.frames)
     reload_diff = None
-    if verify:
-        reloaded = pretrained.from_pretrained(out)
-        reload_diff = compare_logits(
-            net.probe_logits(probe), reloaded.probe_logits(probe), atol, rtol, f"export {out} reloaded vs saved model"
-        )
+    with atomic_dir(out) as building:  # appears as `out` only once written and checked
+        pretrained.save_pretrained(net, building, prompt=source.prompt, data=source.frames)
+        if verify:
+            reloaded = pretrained.from_pretrained(building)
+            reload_diff = compare_logits(
+                net.probe_logits(probe),
+                reloaded.probe_logits(probe),
+                atol,
+                rtol,
+                f"export {out} reloaded vs saved model",
+            )
     result = ExportResult(str(out), type(net).__name__, merged, merge_diff, reload_diff)
     if register:
         result.tracking_uri, result.registered = register_model(source, out, register, tracking_uri)

@@ -1,11 +1,14 @@
 """`speechlm infer`: run a trained model on audio files.
 
 Models that transcribe (SALM) print the generated text per file (a transcript, or an answer to `--prompt`);
-models that speak (duplex) print the agent's text and write its speech to `<out-dir>/<stem>.agent.wav`.
+models that speak (duplex) print the agent's text and write its speech to `<out-dir>/<stem>.agent.wav`, never
+over an existing file (the next free `<stem>.agent2.wav`, ... is taken). A file that is missing, empty, not
+audio, truncated or NaN/inf gets an error naming it; the other files are still answered.
 """
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orchestrator.data.audio import decode_audio
-from orchestrator.inference.sources import ModelSource, SourceError, input_sample_rate, load_model
+from orchestrator.data.audio import AudioFileError, check_samples, decode_audio, wav_truncation
+from orchestrator.inference.sources import ModelSource, SourceError, check_device, input_sample_rate, load_model
+from orchestrator.storage import atomic
 
 
 @dataclass
@@ -25,19 +29,33 @@ class InferResult:
     output_audio: str | None = None  # duplex: the agent's speech as a WAV file
     seconds: float = 0.0  # processing time of the batch this file was in, shared out by audio length
     audio_seconds: float = 0.0
+    error: str | None = None  # why this file was not processed (the others still were)
 
 
 def read_audio(path: str | Path, sample_rate: int) -> np.ndarray:
-    """An audio file as float32 mono at `sample_rate`, decoded and resampled as the data pipeline does."""
+    """An audio file as float32 mono at `sample_rate`, decoded and resampled as the data pipeline does;
+    AudioFileError naming the file when it is missing, empty, not audio, truncated, or holds NaN/inf."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"audio file {path} does not exist")
-    return decode_audio(path.read_bytes(), None, sample_rate)
+        raise AudioFileError(f"audio file {path} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
+    data = path.read_bytes()
+    if not data:
+        raise AudioFileError(f"audio file {path} is empty (0 bytes)")
+    if cut_short := wav_truncation(data):
+        raise AudioFileError(f"audio file {path} is a truncated WAV: {cut_short[1]} of its {cut_short[0]} samples")
+    try:
+        audio = decode_audio(data, None, sample_rate)
+    except Exception as exc:  # soundfile's errors for anything that is not audio it can decode
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise AudioFileError(f"{path} is not an audio file soundfile can read ({reason})") from None
+    check_samples(audio, f"audio file {path}")
+    return audio
 
 
 def _unique_wav_path(out_dir: Path, stem: str, taken: set[Path]) -> Path:
+    """`<stem>.agent.wav`, or the first of `<stem>.agent2.wav`, ... that neither exists nor is taken by this run."""
     path, n = out_dir / f"{stem}.agent.wav", 1
-    while path in taken:
+    while path in taken or path.exists():
         n += 1
         path = out_dir / f"{stem}.agent{n}.wav"
     taken.add(path)
@@ -66,14 +84,24 @@ def infer(
             f"--prompt / --system-prompt only apply to models that take a text prompt; a {entry.name} model "
             "listens, it does not read"
         )
+    if batch_size < 1:
+        raise SourceError(f"--batch-size {batch_size} must be at least 1")
+    check_device(device)
     model, autocast = loaded or load_model(source, device)
     rate = input_sample_rate(model)
-    audios = [read_audio(p, rate) for p in audio_paths]
+    failed: dict[int, InferResult] = {}
+    readable: list[tuple[int, str | Path, np.ndarray]] = []
+    for index, path in enumerate(audio_paths):
+        try:
+            readable.append((index, path, read_audio(path, rate)))
+        except AudioFileError as exc:
+            failed[index] = InferResult(str(path), "", error=str(exc))
     out = Path(out_dir)
     taken: set[Path] = set()
-    results: list[InferResult] = []
-    for start in range(0, len(audios), batch_size):
-        chunk, paths = audios[start : start + batch_size], list(audio_paths[start : start + batch_size])
+    done: dict[int, InferResult] = {}
+    for start in range(0, len(readable), batch_size):
+        batch = readable[start : start + batch_size]
+        chunk, paths = [a for _, _, a in batch], [p for _, p, _ in batch]
         began = time.perf_counter()
         with torch.no_grad(), autocast():
             if entry.speaks:
@@ -88,8 +116,9 @@ def infer(
             if speech is not None:
                 out.mkdir(parents=True, exist_ok=True)
                 wav_path = _unique_wav_path(out, Path(path).stem, taken)
-                wav = np.clip(speech[i], -1.0, 1.0)
-                sf.write(str(wav_path), wav, int(model.target_sample_rate), subtype="PCM_16")
+                buffer = io.BytesIO()
+                sf.write(buffer, np.clip(speech[i], -1.0, 1.0), int(model.target_sample_rate), "PCM_16", format="WAV")
+                atomic.write_bytes(wav_path, buffer.getvalue())
                 result.output_audio = str(wav_path)
-            results.append(result)
-    return results
+            done[batch[i][0]] = result
+    return [done[i] if i in done else failed[i] for i in range(len(audio_paths))]

@@ -197,6 +197,25 @@ def load_model(
     return model.eval(), autocast
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device that this machine has; SourceError naming the fix otherwise."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise SourceError(f"--device {device!r} is not a device ({exc}); use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SourceError(
+                f"--device {device}: PyTorch sees no CUDA GPU on this machine (torch.cuda.is_available() is False); "
+                "use --device cpu, or install a CUDA build of PyTorch on a GPU machine"
+            )
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise SourceError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0 ...)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise SourceError(f"--device {device}: MPS is not available here; use --device cpu")
+    return parsed
+
+
 def input_sample_rate(model: torch.nn.Module) -> int:
     """The rate the model expects its input (user) audio at."""
     rate = getattr(model, "source_sample_rate", None)

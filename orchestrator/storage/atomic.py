@@ -2,9 +2,10 @@
 
 - `write_text` / `write_bytes`: one file, written to a temporary sibling and renamed over the final name.
 - `atomic_dir(final)`: a whole directory (a Shar set, an export) built under a hidden sibling
-  `.<name>.partial` that holds a `PARTIAL_MARKER` file, then renamed into place. A crash (kill -9, power loss)
-  leaves only that partial directory: readers do not take it for a finished one (`data inspect` names it), and
-  the next run removes it, because the marker says it was ours. An exception inside the block removes it at once.
+  `.<name>.partial`, with a marker file `.<name>.partial.json` beside it, then renamed into place. A crash
+  (kill -9, power loss) leaves only that partial directory: readers do not take it for a finished one
+  (`data inspect` names it), and the next run removes it, because the marker says it was ours. An exception
+  inside the block removes it at once.
 
 Checkpoints are written by Ray Train's own upload; their completion marker is `storage.checkpoints`' job.
 """
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 PARTIAL_SUFFIX = ".partial"
-PARTIAL_MARKER = ".speechlm-partial.json"  # inside a partial dir: who is writing it, for what final name
+MARKER_SUFFIX = ".json"  # `.<name>.partial.json`, beside the partial dir: who is writing it, for what final name
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
@@ -52,20 +53,28 @@ def partial_dir_for(final: str | Path) -> Path:
     return final.parent / f".{final.name}{PARTIAL_SUFFIX}"
 
 
+def marker_for(partial: str | Path) -> Path:
+    """The in-progress marker of a partial directory: `.<name>.partial.json` beside it."""
+    partial = Path(partial)
+    return partial.parent / f"{partial.name}{MARKER_SUFFIX}"
+
+
 def is_partial_dir(path: str | Path) -> bool:
-    """A directory left by an interrupted `atomic_dir` (it still holds the in-progress marker)."""
-    return (Path(path) / PARTIAL_MARKER).is_file()
+    """A directory left by an interrupted `atomic_dir` (its in-progress marker is still beside it)."""
+    return Path(path).is_dir() and marker_for(path).is_file()
 
 
 def _remove_stale_partial(partial: Path) -> None:
     if not partial.exists():
+        marker_for(partial).unlink(missing_ok=True)
         return
     if not is_partial_dir(partial):
         raise FileExistsError(
-            f"{partial} exists but was not made by speechlm (no {PARTIAL_MARKER} in it); move it away, this "
-            "command builds its output there before renaming it into place"
+            f"{partial} exists but was not made by speechlm (no {marker_for(partial).name} beside it); move it "
+            "away: this command builds its output there before renaming it into place"
         )
     shutil.rmtree(partial)
+    marker_for(partial).unlink()
 
 
 @contextlib.contextmanager
@@ -91,16 +100,19 @@ def atomic_dir(
         raise FileExistsError(f"{final} exists and is not empty; choose a new directory or remove it")
     partial = partial_dir_for(final)
     _remove_stale_partial(partial)
-    partial.mkdir()
-    (partial / PARTIAL_MARKER).write_text(
+    marker = marker_for(partial)
+    marker.write_text(
         json.dumps({"final": str(final), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     )
+    partial.mkdir()
     try:
         yield partial
         _commit(partial, final, last, replace)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
+        marker.unlink(missing_ok=True)
         raise
+    marker.unlink()
 
 
 def _commit(
@@ -114,9 +126,8 @@ def _commit(
         final.rmdir()
     if not final.exists():
         os.replace(partial, final)  # atomic: the finished directory appears at once
-        (final / PARTIAL_MARKER).unlink()
         return
-    names = sorted(n for n in os.listdir(partial) if n != PARTIAL_MARKER)
+    names = sorted(os.listdir(partial))
     taken = [n for n in names if (final / n).exists()]
     if taken:
         raise FileExistsError(f"{final / taken[0]} already exists; remove it or choose another output directory")
