@@ -136,14 +136,16 @@ def test_shards_are_listed_and_read_from_s3(s3_bucket: str, tmp_path: Path) -> N
 
 
 def test_checkpoints_are_listed_on_s3(s3_bucket: str) -> None:
-    """What decide_resume sees: complete step=N dirs (with state.json), oldest first, as s3:// URLs."""
+    """What decide_resume sees: complete step=N dirs (complete.json last), oldest first, as s3:// URLs."""
     import fsspec
 
     fs = fsspec.filesystem("s3")
     run = f"{s3_bucket}/runs/a"
     for step in (30, 6):
-        fs.pipe(f"{run}/step={step:07d}/state.json", b'{"step": %d}' % step)
+        fs.pipe(f"{run}/step={step:07d}/state.json", b'{"format_version": 2, "step": %d}' % step)
+        checkpoints.mark_complete(f"{run}/step={step:07d}")
     fs.pipe(f"{run}/step=0000040/model.safetensors", b"an upload cut short: no state.json")
+    fs.pipe(f"{run}/step=0000050/state.json", b'{"format_version": 2, "step": 50}')  # no complete.json yet
     assert checkpoints.list_checkpoints(run) == [(6, f"{run}/step=0000006"), (30, f"{run}/step=0000030")]
     assert checkpoints.latest_checkpoint(run) == f"{run}/step=0000030"
     assert checkpoints.latest_checkpoint(f"{s3_bucket}/runs/none") is None

@@ -17,6 +17,7 @@ from orchestrator.config.targets import (
     PERCEPTION_MODULES,
     SPEECH_DECODERS,
     argument_problems,
+    construction_problems,
     target_problem,
 )
 from orchestrator.storage.paths import too_broad_problem
@@ -131,12 +132,14 @@ def _check_model(cfg: ExperimentConfig, problems: list[str]) -> None:
             problems.append(f"model.lora.r: {m.lora.r} must be at least 1 (the LoRA rank)")
         if not 0 <= m.lora.lora_dropout < 1:
             problems.append(f"model.lora.lora_dropout: {m.lora.lora_dropout} must be in [0, 1)")
+    target_problems = []
     for key, spec, allowed, what in (
         ("optimizer", m.optimizer, OPTIMIZERS, "optimizer"),
         ("lr_scheduler", m.lr_scheduler, LR_SCHEDULERS, "LR scheduler"),
     ):
         if spec is not None:
-            problems.extend(f"model.{key}.{p}" for p in argument_problems(spec, allowed, what))
+            target_problems.extend(f"model.{key}.{p}" for p in argument_problems(spec, allowed, what))
+    problems.extend(target_problems or construction_problems(m.optimizer, m.lr_scheduler))
     if problem := target_problem(m.perception.target, PERCEPTION_MODULES, "perception module"):
         problems.append(f"model.perception.target: {problem}")
     _check_conformer(m.perception.encoder, "model.perception.encoder", problems)

@@ -181,6 +181,28 @@ def _number_problem(value: Any, default: Any) -> str | None:
     return None
 
 
+def construction_problems(optimizer: dict[str, Any], lr_scheduler: dict[str, Any] | None) -> list[str]:
+    """Build the (allow-listed, signature-checked) optimizer on a dummy parameter, and the scheduler on it: the
+    values the classes themselves refuse (a negative lr, betas outside [0, 1)) are reported at validation."""
+    import torch
+
+    try:
+        built = instantiate(optimizer, [torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as exc:
+        return [f"model.optimizer: {_name(optimizer)} refuses these arguments ({exc})"]
+    if lr_scheduler is None:
+        return []
+    try:
+        instantiate(lr_scheduler, built)
+    except (ValueError, TypeError, ZeroDivisionError) as exc:
+        return [f"model.lr_scheduler: {_name(lr_scheduler)} refuses these arguments ({exc})"]
+    return []
+
+
+def _name(spec: dict[str, Any]) -> str:
+    return str(spec.get("_target_") or spec.get("target")).rpartition(".")[2]
+
+
 def instantiate(spec: dict[str, Any], *args: Any, **extra: Any) -> Any:
     """Call the allow-listed class named by spec['_target_'] with the other keys (plus `extra`) as keyword
     arguments."""
