@@ -38,6 +38,7 @@ from orchestrator.config import DatasetConfig
 from orchestrator.config.schema import InputConfig
 from orchestrator.inference.sources import ModelSource, SourceError, describe, resolve_source
 from orchestrator.redaction import redact
+from orchestrator.storage import atomic
 from orchestrator.storage.paths import absolute, is_url
 from orchestrator.tracking import mlflow_runs
 from speech_models.metrics import corpus_bleu
@@ -372,16 +373,15 @@ def _write_outputs(out: Path, name: str, data: str, source: ModelSource, metrics
     set_dir = out / name
     set_dir.mkdir(parents=True, exist_ok=True)
     manifest = set_dir / MANIFEST_FILE
-    with manifest.open("w") as f:
-        for row in rows:
-            wav = row.pop("_wav", None)
-            if wav is not None:
-                audio_dir = set_dir / "audio"
-                audio_dir.mkdir(exist_ok=True)
-                path = audio_dir / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', row['cut_id'])}.wav"
-                path.write_bytes(wav)
-                row["audio"] = str(path.relative_to(set_dir))
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    lines = []
+    for row in rows:
+        wav = row.pop("_wav", None)
+        if wav is not None:
+            path = set_dir / "audio" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', row['cut_id'])}.wav"
+            atomic.write_bytes(path, wav)
+            row["audio"] = str(path.relative_to(set_dir))
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic.write_text(manifest, "".join(lines))  # never a half-written manifest beside a finished one
     info = {
         "model": source.path,
         "kind": source.kind,
@@ -390,7 +390,7 @@ def _write_outputs(out: Path, name: str, data: str, source: ModelSource, metrics
         "set": name,
         "metrics": metrics,
     }
-    (set_dir / METRICS_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    atomic.write_text(set_dir / METRICS_FILE, json.dumps(info, indent=2) + "\n")
     return manifest
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import load_experiment, to_yaml
-from orchestrator.storage import filesystems
+from orchestrator.storage import atomic, filesystems
 from orchestrator.storage.paths import is_url, join
 from orchestrator.sweep.spec import LoadedSweep
 from orchestrator.training.progress import format_duration
@@ -319,15 +319,15 @@ def write_results(loaded: LoadedSweep, records: list[TrialRecord]) -> ResultFile
     out.mkdir(parents=True, exist_ok=True)
     header, rows = results_rows(records, loaded)
     table = format_table(header, rows)
-    (out / RESULTS_TABLE).write_text(
-        f"# Sweep {loaded.spec.name}: {loaded.spec.metric} ({loaded.spec.mode})\n\n" + table + "\n"
+    atomic.write_text(
+        out / RESULTS_TABLE, f"# Sweep {loaded.spec.name}: {loaded.spec.metric} ({loaded.spec.mode})\n\n" + table + "\n"
     )
-    (out / RESULTS_CSV).write_text(results_csv(records, loaded))
+    atomic.write_text(out / RESULTS_CSV, results_csv(records, loaded))
     best = next((r for r in records if r.history), None)
     best_path = None
     if best is not None:
         best_path = out / BEST_CONFIG
-        best_path.write_text(best_config_yaml(best, loaded))
+        atomic.write_text(best_path, best_config_yaml(best, loaded))
         load_experiment(best_path)
     png = comparison_png(records, loaded, out / COMPARISON_PNG)
     return ResultFiles(out, table, best, best_path, png)

@@ -36,7 +36,8 @@ import yaml
 from ray import tune
 
 from orchestrator.config import ConfigError, flatten
-from orchestrator.redaction import redact
+from orchestrator.redaction import redact, redact_data
+from orchestrator.storage import atomic
 from orchestrator.storage.checkpoints import latest_checkpoint
 from orchestrator.storage.paths import is_url
 from orchestrator.sweep import report, search_space, trial_runs
@@ -374,7 +375,7 @@ def check_resume(loaded: LoadedSweep, resume: bool) -> None:
     saved = Path(loaded.sweep_dir) / SPEC_FILE
     if resume and not is_url(loaded.sweep_dir) and saved.is_file():
         before = flatten(yaml.safe_load(saved.read_text()))
-        now = flatten(json.loads(json.dumps(spec_record(loaded))))
+        now = flatten(redact_data(json.loads(json.dumps(spec_record(loaded)))))  # saved with credentials masked
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if changed:
             raise ConfigError(
@@ -405,9 +406,8 @@ def run_sweep(loaded: LoadedSweep, resume: bool = False, retry_failed: bool = Fa
     if not is_url(sweep_dir):
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
         if not resume:
-            (Path(sweep_dir) / SPEC_FILE).write_text(
-                yaml.safe_dump(json.loads(json.dumps(spec_record(loaded))), sort_keys=False)
-            )
+            record = redact_data(json.loads(json.dumps(spec_record(loaded))))
+            atomic.write_text(Path(sweep_dir) / SPEC_FILE, yaml.safe_dump(record, sort_keys=False))
     tracking_uri, experiment = trial_runs.sweep_tracking(loaded)
     parent_run_id = trial_runs.start_parent_run(loaded, tracking_uri, experiment)
     context = SweepContext(loaded, tracking_uri, experiment, parent_run_id, os.getcwd())
