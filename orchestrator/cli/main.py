@@ -49,12 +49,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from orchestrator.data.shar import SharLayoutError
     from orchestrator.training.driver import run_training
 
     loaded = load_from_args(args)
     for warning in loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    result = run_training(loaded.cfg, source=loaded.source)
+    try:
+        result = run_training(loaded.cfg, source=loaded.source)
+    except SharLayoutError as exc:  # shards that do not pair up: the data's problem, named, not a traceback
+        return bad_input(exc)
     return EXIT_OK if result.ok else EXIT_FAILED
 
 
