@@ -37,7 +37,7 @@ _QUERY_SECRET = re.compile(
     re.IGNORECASE,
 )
 _AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
-_MIN_SECRET_LENGTH = 6  # shorter env values (e.g. "1", "true") would mask ordinary text
+_MIN_SECRET_LENGTH = 8  # shorter env values ("1", "true", "testing") would mask ordinary words
 
 
 def _userinfo(match: re.Match) -> str:
