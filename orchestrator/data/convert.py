@@ -142,16 +142,16 @@ def _check_file(path: str, recording, where: str) -> None:
 
     if not Path(path).is_file():
         raise AudioFileError(f"{where}: audio file {path} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(1 << 16)
-    if cut_short := wav_truncation(head, Path(path).stat().st_size):
-        declared, present = cut_short
-        rate = sf.info(path).samplerate
-        raise AudioFileError(_truncated(where, path, declared / rate, present / rate, "its WAV header"))
     try:
         info = sf.info(path)
     except Exception as exc:
         raise AudioFileError(f"{where}: {path} is not an audio file soundfile can read ({exc})") from None
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if cut_short := wav_truncation(head, Path(path).stat().st_size):
+        declared, present = cut_short
+        rate = info.samplerate
+        raise AudioFileError(_truncated(where, path, declared / rate, present / rate, "its WAV header"))
     present_s = info.frames / info.samplerate
     if len(recording.sources) == 1 and recording.duration - present_s > _LENGTH_TOLERANCE_S:
         raise AudioFileError(_truncated(where, path, recording.duration, present_s, "the manifest"))

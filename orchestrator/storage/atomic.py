@@ -120,8 +120,12 @@ def _commit(
 ) -> None:
     if replace is not None and final.is_dir():
         for old in sorted(final.iterdir()):
-            if replace(old.name):
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            if not replace(old.name):
+                continue
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
     if final.is_dir() and not any(final.iterdir()):
         final.rmdir()
     if not final.exists():
