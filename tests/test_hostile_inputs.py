@@ -685,7 +685,7 @@ def test_an_interrupted_checkpoint_is_never_the_latest(tmp_path, salm_checkpoint
     state = json.loads((partial / checkpoints.STATE_FILE).read_text())
     (partial / checkpoints.STATE_FILE).write_text(json.dumps({**state, "step": 2}))
     assert checkpoints.latest_checkpoint(str(run)) == str(run / "step=0000001")
-    assert checkpoints.incomplete_checkpoints(str(run)) == [str(partial)]
+    assert list(checkpoints.incomplete_checkpoints(str(run))) == [str(partial)]
     with pytest.raises(checkpoints.CheckpointError, match=r"incomplete: it has no complete\.json"):
         checkpoints.require_complete(str(partial))
     # a checkpoint from before completion markers (format 1) still counts once state.json is there

@@ -325,13 +325,15 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def incomplete_checkpoints(run_dir: str) -> list[str]:
-    """Checkpoint dirs of `run_dir` that an interrupted write left incomplete (ignored by resume and loading)."""
-    return [
-        join(run_dir, name)
-        for name in filesystems.list_names(run_dir, dirs_only=True)
-        if CHECKPOINT_DIR.match(name) and completeness_problem(join(run_dir, name)) is not None
-    ]
+def incomplete_checkpoints(run_dir: str) -> dict[str, str]:
+    """{checkpoint dir: why it is incomplete} for the checkpoints of `run_dir` that resume and loading ignore
+    (left by an interrupted write, or damaged since)."""
+    found = {}
+    for name in filesystems.list_names(run_dir, dirs_only=True):
+        path = join(run_dir, name)
+        if CHECKPOINT_DIR.match(name) and (problem := completeness_problem(path)) is not None:
+            found[path] = problem
+    return found
 
 
 def latest_checkpoint(run_dir: str) -> str | None:

@@ -79,8 +79,8 @@ def decide_resume(cfg: ExperimentConfig, directory: str) -> str | None:
         except checkpoints.CheckpointError as exc:
             raise ConfigError([f"exp_manager.resume_from_checkpoint: {exc}"], "exp_manager") from None
         return exp.resume_from_checkpoint
-    for partial in checkpoints.incomplete_checkpoints(directory):
-        logger.warning("ignoring %s: it was interrupted while being written (no complete.json)", partial)
+    for partial, problem in checkpoints.incomplete_checkpoints(directory).items():
+        logger.warning("ignoring checkpoint %s: %s", partial, problem)
     latest = checkpoints.latest_checkpoint(directory)
     if latest is None:
         if exp.resume_if_exists and not exp.resume_ignore_no_checkpoint and filesystems.exists(directory):
