@@ -137,8 +137,12 @@ _TOKEN = "__speechlm_long_list_{}__"
 
 
 def _stash_long_lists(data: Any, overrides: list[str]) -> tuple[Any, list[list[Any]]]:
-    """`data` with every long list of plain values (no interpolation, no override into it) replaced by a token."""
-    targets = [o.lstrip("~+").split("=", 1)[0] for o in overrides]
+    """`data` with every long list of plain values replaced by a token, unless an override or an interpolation
+    reaches into it."""
+    references = _interpolation_targets(data)
+    if references is None:
+        return data, []  # some reference cannot be told statically: leave every list to OmegaConf
+    targets = [o.lstrip("~+").split("=", 1)[0] for o in overrides] + sorted(references)
     stash: list[list[Any]] = []
 
     def walk(value: Any, path: str) -> Any:
