@@ -17,6 +17,13 @@ def bad_input(exc: BaseException | str) -> int:
     return EXIT_BAD_INPUT
 
 
+def warn(message: str) -> None:
+    """Print `warning: <message>` (credentials masked) to stderr."""
+    from orchestrator.redaction import redact
+
+    print(f"warning: {redact(message)}", file=sys.stderr)
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer of at least 1 (a batch size, a shard size, a worker count)."""
     try:

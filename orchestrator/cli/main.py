@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 
 from orchestrator import __version__
-from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, bad_input
+from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, bad_input, warn
 from orchestrator.config import ConfigError, LoadedConfig, find_config_file, load_experiment
 
 
@@ -42,7 +42,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if problems := source_problems(loaded.cfg):
         raise ConfigError(problems, loaded.source)
     for warning in loaded.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        warn(warning)
     print(summarize(loaded.cfg, loaded.source))
     print(f"\n{loaded.source}: OK")
     return EXIT_OK
@@ -54,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     loaded = load_from_args(args)
     for warning in loaded.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        warn(warning)
     try:
         result = run_training(loaded.cfg, source=loaded.source)
     except SharLayoutError as exc:  # shards that do not pair up: the data's problem, named, not a traceback

@@ -9,9 +9,8 @@ failed or the sweep was interrupted, 2 bad input (spec, base config, --resume mi
 from __future__ import annotations
 
 import argparse
-import sys
 
-from orchestrator.cli.common import EXIT_FAILED, EXIT_OK
+from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, warn
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -27,7 +26,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError(problems, loaded.source)
     for warning in loaded.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        warn(warning)
     if args.validate_only:
         from orchestrator.sweep.search_space import describe
 
