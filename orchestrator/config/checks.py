@@ -11,7 +11,7 @@ import re
 
 from orchestrator.config.schema import DatasetConfig, ExperimentConfig
 from orchestrator.config.targets import target_problem
-from speech_models.config import ConformerConfig
+from speech_models.config import ConformerConfig, unsupported_options
 from speech_models.registry import entry_for, model_types
 from speech_models.typed_data import did_you_mean
 
@@ -108,6 +108,10 @@ def _check_model(cfg: ExperimentConfig, problems: list[str]) -> None:
             problems.append(f"model.{key}._target_: {problem}")
     if problem := target_problem(m.perception.target):
         problems.append(f"model.perception.target: {problem}")
+    for key, part in (("preprocessor", m.perception.preprocessor), ("spec_augment", m.perception.spec_augment)):
+        if part is not None and part._target_ is not None and (problem := target_problem(part._target_)):
+            problems.append(f"model.perception.{key}._target_: {problem}")
+    problems += unsupported_options(m)
     _check_conformer(m.perception.encoder, "model.perception.encoder", problems)
     if m.perception.modality_adapter is not None:
         _check_conformer(m.perception.modality_adapter, "model.perception.modality_adapter", problems)
@@ -122,8 +126,11 @@ def _check_conformer(enc: ConformerConfig, path: str, problems: list[str]) -> No
         problems.append(f"{path}._target_: {problem}")
     if enc.d_model % enc.n_heads:
         problems.append(f"{path}.d_model: {enc.d_model} is not divisible by n_heads ({enc.n_heads})")
-    if len(enc.att_context_size) != 2:
-        problems.append(f"{path}.att_context_size: {enc.att_context_size} must be [left, right]")
+    contexts = enc.att_context_size if enc.att_context_size and isinstance(enc.att_context_size[0], list) else None
+    if any(len(pair) != 2 for pair in contexts or [enc.att_context_size]):
+        problems.append(
+            f"{path}.att_context_size: {enc.att_context_size} must be [left, right] (or NeMo's list of such pairs)"
+        )
     context = enc.conv_context_size
     if isinstance(context, list) and (len(context) != 2 or sum(context) + 1 != enc.conv_kernel_size):
         problems.append(

@@ -14,6 +14,14 @@ NEMO_TARGETS: dict[str, str] = {
     "nemo.collections.speechlm2.modules.perception.AudioPerceptionModule": (
         "speech_models.perception.AudioPerceptionModule"
     ),
+    "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor": (
+        "speech_models.perception.AudioToMelSpectrogramPreprocessor"
+    ),
+    "nemo.collections.asr.modules.audio_preprocessing.AudioToMelSpectrogramPreprocessor": (
+        "speech_models.perception.AudioToMelSpectrogramPreprocessor"
+    ),
+    "nemo.collections.asr.modules.SpectrogramAugmentation": "speech_models.perception.SpecAugment",
+    "nemo.collections.asr.modules.audio_preprocessing.SpectrogramAugmentation": "speech_models.perception.SpecAugment",
     "nemo.collections.asr.modules.ConformerEncoder": "speech_models.perception.ConformerEncoder",
     "nemo.collections.asr.modules.conformer_encoder.ConformerEncoder": "speech_models.perception.ConformerEncoder",
     "nemo.collections.speechlm2.modules.speech_generation.TransformerARSpeechDecoder": (
