@@ -18,9 +18,9 @@ TURNS = [
 EXPECTED = {
     "llama2": [
         ("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi <a> [/INST]", False),
-        (" hello there</s>", True),
+        ("hello there </s>", True),
         ("<s>[INST] More [/INST]", False),
-        (" ok</s>", True),
+        ("ok </s>", True),
     ],
     "llama3": [
         ("<s>", False),
