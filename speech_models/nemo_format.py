@@ -270,8 +270,19 @@ def _with_target(section: str, values: dict[str, Any]) -> dict[str, Any]:
     return {"_target_": NEMO_TARGETS[section], **{k: v for k, v in values.items() if k != "_target_"}}
 
 
-def nemo_perception_config(perception: PerceptionConfig, output_dim: int) -> dict[str, Any]:
-    """The perception section NeMo's AudioPerceptionModule builds from: every key a NeMo constructor argument."""
+def nemo_perception_config(
+    perception: PerceptionConfig, output_dim: int, identity_adapter: bool = False
+) -> dict[str, Any]:
+    """The perception section NeMo's AudioPerceptionModule builds from: every key a NeMo constructor argument.
+
+    Without a modality adapter, NeMo's equivalent is its IdentityConnector, which has no projection: with
+    `identity_adapter` that is written (the same architecture only when the encoder width is `output_dim` and this
+    project's projection is left out, as in a benchmark with random weights); otherwise such a model is refused.
+    """
+    if perception.modality_adapter is None and identity_adapter:
+        out = nemo_perception_config(dataclasses.replace(perception, modality_adapter=perception.encoder), output_dim)
+        out["modality_adapter"] = {"_target_": NEMO_TARGETS["perception"].rpartition(".")[0] + "." + IDENTITY_ADAPTER}
+        return out
     if perception.modality_adapter is None:
         raise ValueError(
             "NeMo's AudioPerceptionModule projects to the LLM width only after a Conformer modality adapter; a model "
@@ -315,9 +326,10 @@ def nemo_model_config(model: nn.Module) -> dict[str, Any]:
     return out
 
 
-def _save_llm_backbone(lm: nn.Module, directory: Path) -> None:
-    """The LLM's config where NeMo looks for it. Transformers 5 writes RoPE settings only as `rope_parameters`;
-    older transformers (NeMo 3.0 pins 4.57) read `rope_theta` / `rope_scaling`, so both spellings are written."""
+def save_llm_config_for_nemo(lm: nn.Module, directory: Path) -> None:
+    """The LLM's config (and generation config) in files NeMo's transformers reads. Transformers 5 writes RoPE
+    settings only as `rope_parameters`; older transformers (NeMo 3.0 pins 4.57) read `rope_theta` /
+    `rope_scaling`, so both spellings are written."""
     lm.config.save_pretrained(directory)
     path = directory / "config.json"
     config = json.loads(path.read_text())
@@ -337,7 +349,7 @@ _TOKENIZER_CLASS_FOR_OLDER_TRANSFORMERS = {"TokenizersBackend": "PreTrainedToken
 _TOKENIZER_KEYS_OF_THIS_MACHINE = ("is_local", "local_files_only", "backend")
 
 
-def _save_tokenizer(source: str, directory: Path) -> None:
+def save_tokenizer_for_nemo(source: str, directory: Path) -> None:
     """The tokenizer as the LLM ships it (NeMo adds the audio tag itself and gets the same id), in files that both
     transformers 5 and NeMo's transformers 4.57 read."""
     from transformers import AutoTokenizer
@@ -368,8 +380,8 @@ def write_nemo_dir(model: nn.Module, directory: str | Path) -> Path:
     config = nemo_model_config(model)  # first: refuses what NeMo cannot represent before anything is written
     directory.mkdir(parents=True, exist_ok=True)
     lm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
-    _save_llm_backbone(lm, directory / LLM_BACKBONE_DIR)
-    _save_tokenizer(model.cfg.tokenizer_source, directory)
+    save_llm_config_for_nemo(lm, directory / LLM_BACKBONE_DIR)
+    save_tokenizer_for_nemo(model.cfg.tokenizer_source, directory)
     save_model(model, str(directory / WEIGHTS_FILE))  # NeMo's own writer: full state dict, shared tensors once
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return directory
