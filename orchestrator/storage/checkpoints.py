@@ -30,7 +30,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from orchestrator.storage import filesystems
 from orchestrator.storage.paths import is_url, join
 
-FORMAT_VERSION = 1
+# 2: NeMo's parameter and buffer names (perception.preprocessor.featurizer.*, duplex llm.layers.* / lm_head.*,
+# NeMo's speech decoder as speech_generation.*). A version-1 checkpoint's tensors do not fit today's models.
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "weights.safetensors"
 TRAINER_STATE_FILE = "trainer_state.pt"
 STATE_FILE = "state.json"
@@ -205,7 +207,11 @@ def read_saved_state(path: str) -> dict[str, Any]:
         )
     state = json.loads(filesystems.read_text(state_path))
     if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {state.get('format_version')} is not {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path}: checkpoint format {state.get('format_version')} is not {FORMAT_VERSION}; it was written before "
+            "the models took NeMo's parameter names. Export it with the version that trained it (`speechlm export`), "
+            "or train again"
+        )
     return state
 
 
