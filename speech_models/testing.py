@@ -158,7 +158,7 @@ TINY_CODECS: dict[str, dict] = {
         sampling_rate=22050,
         downsampling_ratios=[2, 2, 3, 3, 7, 7],
         upsampling_ratios=[7, 7, 3, 3, 2, 2],
-        decoder_hidden_size=32,
+        decoder_hidden_size=64,  # halved per upsampling stage: 1 channel after the sixth
         hop_length=1764,
     ),
     "dac_16k": dict(
