@@ -177,16 +177,18 @@ def read_nemo_dir(
     _redirect_local_artifacts(raw, directory, notes)
     if pretrained_llm is not None:
         raw["pretrained_llm"] = pretrained_llm
-        raw["tokenizer_path"] = raw.get("tokenizer_path") if raw.get("tokenizer_path") == str(directory) else None
+        if raw.get("tokenizer_path") != str(directory):  # the checkpoint's own tokenizer files still win
+            raw["tokenizer_path"] = None
         notes.append(f"pretrained_llm overridden: {pretrained_llm}")
-    if pretrained_audio_codec is not None:
+    if raw.get("pretrained_audio_codec") is not None or raw.get("speech_decoder") is not None:
+        if pretrained_audio_codec is None:  # NeMo's duplex models always hold a NeMo AudioCodecModel
+            raise ValueError(
+                f"{source}: a NeMo duplex checkpoint; its codec ({raw.get('pretrained_audio_codec')!r}) is a NeMo "
+                "AudioCodecModel, which this project does not implement: pass pretrained_audio_codec= a transformers "
+                "Mimi/EnCodec/DAC codec with the same codebook size and number of codebooks (its codes will not "
+                "mean what NeMo's meant)"
+            )
         raw["pretrained_audio_codec"] = pretrained_audio_codec
-    elif str(raw.get("pretrained_audio_codec") or "").endswith(".nemo"):
-        raise ValueError(
-            f"{source}: pretrained_audio_codec {raw['pretrained_audio_codec']!r} is a NeMo AudioCodecModel, which "
-            "this project does not implement; pass pretrained_audio_codec= a transformers Mimi/EnCodec/DAC codec "
-            "with the same codebook size and number of codebooks (its codes will not mean what NeMo's meant)"
-        )
     problems: list[str] = []
     model = build(ModelConfig, raw, "model", problems)
     if problems:
