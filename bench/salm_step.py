@@ -142,9 +142,8 @@ class NemoStep:
         save_llm_config_for_nemo(model._causal_lm(), llm_dir)
         save_tokenizer_for_nemo(cfg.tokenizer_source, llm_dir)
         save_file({k: batch[k] for k in ("audios", "audio_lens", "input_ids", "loss_mask")}, str(work_dir / "batch.st"))
-        # R1 has no modality adapter: NeMo's IdentityConnector, which has no projection either (R1's encoder is as
-        # wide as the LLM; this project's 256 x 256 projection per frame is a negligible share of the step).
-        perception = nemo_perception_config(cfg.perception, model.perception.proj.out_features, identity_adapter=True)
+        # R1 has no modality adapter: NeMo's IdentityConnector with R1's projection, the same architecture.
+        perception = nemo_perception_config(cfg.perception, model.perception.proj.out_features)
         spec = {
             "llm_dir": str(llm_dir),
             "batch": str(work_dir / "batch.st"),

@@ -103,25 +103,30 @@ class NemoCheckpoint:
 
 
 def _perception_with_nemo_defaults(perception: dict[str, Any], source: str) -> dict[str, Any]:
-    """NeMo builds each perception part from its own class defaults: fill the keys the config leaves out."""
+    """NeMo builds each perception part from its own class defaults: fill the keys the config leaves out. NeMo's
+    IdentityConnector adapter with a `d_model` (NeMo then projects from that width) is this schema's null adapter."""
     out = dict(perception)
     for section in ("preprocessor", "encoder", "spec_augment"):
         if isinstance(out.get(section), dict):
             out[section] = with_nemo_class_defaults(section, out[section])
     adapter = out.get("modality_adapter")
-    if isinstance(adapter, dict):
-        target = str(adapter.get("_target_") or adapter.get("target") or "")
-        if target.endswith(IDENTITY_ADAPTER):
+    if not isinstance(adapter, dict):
+        return out
+    target = str(adapter.get("_target_") or adapter.get("target") or "")
+    if target.endswith(IDENTITY_ADAPTER):
+        if "d_model" not in adapter or "output_dim" in adapter:
             raise ValueError(
-                f"{source}: perception.modality_adapter is NeMo's {IDENTITY_ADAPTER}, which NeMo pairs with no "
-                "projection; this project always projects the encoder output, so such checkpoints do not load"
+                f"{source}: perception.modality_adapter is NeMo's {IDENTITY_ADAPTER} without `d_model`, so NeMo built "
+                "no projection to the LLM width; this project always has one, so such a checkpoint does not load"
             )
-        if not target.endswith("ConformerEncoder"):
-            raise ValueError(
-                f"{source}: perception.modality_adapter {target!r} is not supported; only NeMo's ConformerEncoder "
-                "(or no adapter) is implemented here"
-            )
+        out["modality_adapter"] = None
+    elif target.endswith("ConformerEncoder"):
         out["modality_adapter"] = with_nemo_class_defaults("encoder", adapter)
+    else:
+        raise ValueError(
+            f"{source}: perception.modality_adapter {target!r} is not supported; NeMo's ConformerEncoder or "
+            f"{IDENTITY_ADAPTER} (with d_model) are"
+        )
     return out
 
 
@@ -272,29 +277,23 @@ def _with_target(section: str, values: dict[str, Any]) -> dict[str, Any]:
     return {"_target_": NEMO_TARGETS[section], **{k: v for k, v in values.items() if k != "_target_"}}
 
 
-def nemo_perception_config(
-    perception: PerceptionConfig, output_dim: int, identity_adapter: bool = False
-) -> dict[str, Any]:
-    """The perception section NeMo's AudioPerceptionModule builds from: every key a NeMo constructor argument.
+def _nemo_adapter_config(perception: PerceptionConfig) -> dict[str, Any]:
+    """The modality adapter as NeMo builds it. No adapter is NeMo's IdentityConnector given a `d_model`: NeMo then
+    projects from that width to the LLM's, as this project does (the connector ignores the key itself)."""
+    if perception.modality_adapter is not None:
+        return _with_target("modality_adapter", dataclasses.asdict(perception.modality_adapter))
+    enc = perception.encoder
+    width = enc.feat_out if enc.feat_out > 0 else enc.d_model
+    return {"_target_": NEMO_TARGETS["perception"].rpartition(".")[0] + "." + IDENTITY_ADAPTER, "d_model": width}
 
-    Without a modality adapter, NeMo's equivalent is its IdentityConnector, which has no projection: with
-    `identity_adapter` that is written (the same architecture only when the encoder width is `output_dim` and this
-    project's projection is left out, as in a benchmark with random weights); otherwise such a model is refused.
-    """
-    if perception.modality_adapter is None and identity_adapter:
-        out = nemo_perception_config(dataclasses.replace(perception, modality_adapter=perception.encoder), output_dim)
-        out["modality_adapter"] = {"_target_": NEMO_TARGETS["perception"].rpartition(".")[0] + "." + IDENTITY_ADAPTER}
-        return out
-    if perception.modality_adapter is None:
-        raise ValueError(
-            "NeMo's AudioPerceptionModule projects to the LLM width only after a Conformer modality adapter; a model "
-            "without model.perception.modality_adapter cannot be written in NeMo's format"
-        )
+
+def nemo_perception_config(perception: PerceptionConfig, output_dim: int) -> dict[str, Any]:
+    """The perception section NeMo's AudioPerceptionModule builds from: every key a NeMo constructor argument."""
     out: dict[str, Any] = {
         "target": NEMO_TARGETS["perception"],
         "preprocessor": _with_target("preprocessor", dataclasses.asdict(perception.preprocessor)),
         "encoder": _with_target("encoder", dataclasses.asdict(perception.encoder)),
-        "modality_adapter": _with_target("modality_adapter", dataclasses.asdict(perception.modality_adapter)),
+        "modality_adapter": _nemo_adapter_config(perception),
         "output_dim": output_dim,
     }
     if perception.spec_augment is not None:
@@ -379,7 +378,7 @@ def write_nemo_dir(model: nn.Module, directory: str | Path) -> Path:
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
         raise FileExistsError(f"{directory} exists and is not empty; pick a new directory or remove it")
-    config = nemo_model_config(model)  # first: refuses what NeMo cannot represent before anything is written
+    config = nemo_model_config(model)
     directory.mkdir(parents=True, exist_ok=True)
     lm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
     save_llm_config_for_nemo(lm, directory / LLM_BACKBONE_DIR)

@@ -210,17 +210,35 @@ def perturbed_copy(model: SALM, seed: int = 0) -> SALM:
     return model
 
 
+EXPORTED = {  # name -> the fixture whose batch (and tokenizer) it runs on
+    "salm": "salm",
+    "salm_lora": "salm_lora",
+    "no_adapter": "salm",  # this project's adapter-less SALM (the demo's layout): NeMo's IdentityConnector
+}
+
+
+def model_to_export(name: str, tmp_path: Path) -> SALM:
+    """The fixture's SALM with every weight moved (so an export carries this project's weights, not NeMo's), or a
+    random SALM without a modality adapter on the fixture's LLM."""
+    from speech_models.testing import tiny_salm_config
+
+    if name == "no_adapter":
+        torch.manual_seed(0)
+        return SALM(tiny_salm_config(FIXTURES / "salm" / "llm", pretrained_weights=False)).eval()
+    model = SALM.from_pretrained(FIXTURES / name / "nemo_salm", pretrained_llm=str(FIXTURES / name / "llm"))
+    return perturbed_copy(model)
+
+
 @pytest.fixture(scope="module")
 def nemo_exports(tmp_path_factory):
-    """A perturbed SALM (no LoRA) and a perturbed LoRA SALM written in NeMo's format, with this project's logits."""
+    """Models written in NeMo's format, with this project's logits, target mask and greedy ids on a fixture batch."""
     from speech_models.nemo_format import write_nemo_dir
 
     root = tmp_path_factory.mktemp("nemo_exports")
     exports = {}
-    for name in ("salm", "salm_lora"):
-        model = SALM.from_pretrained(FIXTURES / name / "nemo_salm", pretrained_llm=str(FIXTURES / name / "llm"))
-        perturbed_copy(model)
-        batch, _ = fixture(name)
+    for name, batch_of in EXPORTED.items():
+        model = model_to_export(name, root)
+        batch, _ = fixture(batch_of)
         logits, _, attention = salm_logits(model, batch)
         with torch.no_grad():
             generated, _ = model.generate(batch["prompt_ids"], batch["audios"], batch["audio_lens"], max_new_tokens=8)
@@ -234,24 +252,30 @@ def test_nemo_format_export_layout_and_reload(nemo_exports):
         assert config["model_type"] == "nemo_speechlm" and config["pretrained_weights"] is False
         assert config["perception"]["preprocessor"]["_target_"].startswith("nemo.collections.asr.modules.")
         assert "init_from_checkpoint" not in config and ("lora" in config) == (name == "salm_lora")
+        adapter = config["perception"]["modality_adapter"]
+        if name == "no_adapter":  # NeMo projects from the connector's d_model to output_dim, as this model does
+            assert adapter == {
+                "_target_": "nemo.collections.speechlm2.modules.perception.IdentityConnector",
+                "d_model": 32,
+            }
         assert json.loads((directory / "llm_backbone" / "config.json").read_text())["vocab_size"] == 377
         assert "<|audioplaceholder|>" not in (directory / "tokenizer.json").read_text()  # NeMo adds the tag itself
         state = load_file(directory / "model.safetensors")
         assert state["embed_tokens.weight"].shape == (377, 64) and "perception.preprocessor.featurizer.fb" in state
 
         reloaded = SALM.from_pretrained(directory)  # no pretrained_llm: the directory is self-contained
-        batch, _ = fixture(name)
+        batch, _ = fixture(EXPORTED[name])
         again, _, _ = salm_logits(reloaded, batch)
         assert max_diff(again, logits) == 0.0
 
 
 @pytest.mark.skipif(not NEMO_PYTHON, reason="set NEMO_PYTHON to a NeMo 3.0.0 venv's python to run NeMo itself")
-@pytest.mark.parametrize("name", ["salm", "salm_lora"])
+@pytest.mark.parametrize("name", list(EXPORTED))
 def test_nemo_loads_an_export_made_here_with_the_same_logits(nemo_exports, name, tmp_path):
     directory, logits, attention, generated = nemo_exports[name]
     out = tmp_path / "nemo_outputs.safetensors"
     batch_file = tmp_path / "batch.safetensors"
-    batch, _ = fixture(name)
+    batch, _ = fixture(EXPORTED[name])
     save_file({k: v.contiguous() for k, v in batch.items()}, str(batch_file))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("PYTHONPATH", None)  # NeMo's own packages only
@@ -275,13 +299,15 @@ def test_nemo_loads_an_export_made_here_with_the_same_logits(nemo_exports, name,
     print(f"{name}: NeMo's logits on the export vs this project's: max |diff| {max_diff(logits, nemo['logits']):.3g}")
 
 
-def test_export_refuses_models_nemo_cannot_represent(tmp_path):
-    from speech_models.nemo_format import write_nemo_dir
-    from speech_models.testing import build_tiny_llm_dir, tiny_salm_config
+def test_export_refuses_what_nemo_cannot_load(tmp_path):
+    """A duplex model's codec is a transformers one; NeMo's duplex models load only NeMo's own codec."""
+    from types import SimpleNamespace
 
-    model = SALM(tiny_salm_config(build_tiny_llm_dir(tmp_path / "llm")))  # no modality adapter
-    with pytest.raises(ValueError, match="modality_adapter"):
-        write_nemo_dir(model, tmp_path / "out")
+    from speech_models.nemo_format import write_nemo_dir
+
+    duplex = SimpleNamespace(cfg=ModelConfig(pretrained_audio_codec="kyutai/mimi"))
+    with pytest.raises(ValueError, match="NeMo AudioCodecModel"):
+        write_nemo_dir(duplex, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

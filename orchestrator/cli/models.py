@@ -182,7 +182,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("speechlm", "nemo"),
         default="speechlm",
         help="speechlm: this project's format; nemo: NeMo speechlm2's save_pretrained layout, which NeMo 3.0's "
-        "SALM.from_pretrained loads (SALM with a Conformer modality adapter)",
+        "SALM.from_pretrained loads (SALM only: NeMo's duplex models need NeMo's own codec)",
     )
     ex.add_argument("--merge-lora", action="store_true", help="merge LoRA adapters into the LLM (checks logits)")
     ex.add_argument("--no-verify", action="store_true", help="skip reloading the export to compare its logits")

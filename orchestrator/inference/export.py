@@ -112,7 +112,7 @@ def export_model(
             nemo_format.write_nemo_dir(net, out)
         else:
             pretrained.save_pretrained(net, out, prompt=source.prompt, data=source.frames)
-    except ValueError as exc:  # a model NeMo's format cannot hold: say why, nothing written
+    except ValueError as exc:  # a model NeMo's format cannot hold (duplex): say why, nothing written
         raise SourceError(f"--format {export_format}: {exc}") from None
     reload_diff = None
     if verify:
