@@ -78,15 +78,24 @@ def test_nemo_options_that_are_not_implemented_are_refused_by_name() -> None:
     ]
 
 
-def test_a_nemo_checkpoint_config_json_validates_as_it_stands() -> None:
+@pytest.mark.parametrize(
+    ("checkpoint", "base", "model_type"),
+    [
+        ("salm/nemo_salm", "salm.yaml", "salm"),
+        ("salm_lora/nemo_salm", "salm.yaml", "salm"),
+        ("duplex_s2s/nemo_model", "s2s_duplex.yaml", "duplex_s2s"),
+        ("duplex_s2s_speech_decoder/nemo_model", "s2s_duplex_speech_decoder.yaml", "duplex_s2s_speech_decoder"),
+    ],
+)
+def test_a_nemo_checkpoint_config_json_validates_as_it_stands(checkpoint: str, base: str, model_type: str) -> None:
     """A NeMo save_pretrained config.json, pasted as the model section, validates (hub metadata ignored)."""
     import json
 
-    nemo_model = json.loads((ROOT / "tests" / "fixtures" / "nemo" / "salm" / "nemo_salm" / "config.json").read_text())
+    nemo_model = json.loads((ROOT / "tests" / "fixtures" / "nemo" / checkpoint / "config.json").read_text())
     assert nemo_model["model_type"] == "nemo_speechlm" and "_target_" in nemo_model["perception"]["preprocessor"]
-    base = OmegaConf.to_container(OmegaConf.load(SALM))
-    cfg = experiment_from_dict({**base, "model": nemo_model}, source="config.json").cfg
-    assert cfg.model.resolved_model_type() == "salm" and cfg.model.perception.encoder.d_model == 64
+    config = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / base))
+    cfg = experiment_from_dict({**config, "model": nemo_model}, source="config.json").cfg
+    assert cfg.model.resolved_model_type() == model_type and cfg.model.perception.encoder.d_model == 64
 
 
 def test_unknown_key_suggests_the_right_one(capsys: pytest.CaptureFixture[str]) -> None:
