@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -154,6 +155,7 @@ class NemoStep:
             "threads": threads,
         }
         (work_dir / "spec.json").write_text(json.dumps(spec))
+        self.work_dir = work_dir
         script = ROOT / "bench" / "nemo_env" / "nemo_salm_step.py"
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # NeMo's own packages only
         self.process = subprocess.Popen(
@@ -176,6 +178,7 @@ class NemoStep:
         self.process.stdin.write("quit\n")
         self.process.stdin.flush()
         self.process.wait(timeout=60)
+        shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
 def main() -> None:
