@@ -64,7 +64,7 @@ def text_special_ids(tokenizer: Any) -> tuple[int, int, int]:
         raise ValueError(
             f"duplex models need a tokenizer with {', '.join(missing)} (the text channel marks turns with "
             f"BOS/EOS and silence with PAD); tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has none. "
-            "Add the token to the tokenizer of model.pretrained_llm."
+            "Add the token to the tokenizer of model.pretrained_llm (or model.tokenizer_path)."
         )
     if len({bos, eos, pad}) != 3:
         raise ValueError(f"text channel ids must differ; got bos={bos} eos={eos} pad={pad}")
@@ -135,11 +135,11 @@ class DuplexS2SCollator:
     "duration", "text"}], "text"}. Output keys: `source_audio` (B, T) float32, `source_audio_lens` (B,),
     `target_audio` (B, T2) float32, `target_audio_lens` (B,), `target_tokens` (B, n_frames) int64 text channel,
     `frame_lens` (B,) int64, `references` (agent texts, turns joined by a space) and `cut_ids`.
-    The tokenizer is loaded from `model_cfg.pretrained_llm` on first use, so the collator pickles small.
+    The tokenizer is loaded from `model_cfg.tokenizer_source` on first use, so the collator pickles small.
     """
 
     def __init__(self, model_cfg: Any, data_cfg: Any, dataset_cfg: Any = None) -> None:
-        self.pretrained_llm: str = model_cfg.pretrained_llm
+        self.tokenizer_source: str = model_cfg.tokenizer_source
         self.frame_length: float = float(data_cfg.frame_length)
         self.source_sample_rate: int = int(data_cfg.source_sample_rate)
         self.target_sample_rate: int = int(data_cfg.target_sample_rate)
@@ -159,7 +159,7 @@ class DuplexS2SCollator:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.pretrained_llm)
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_source)
         return self._tokenizer
 
     def _agent_turns(self, example: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,27 +1,36 @@
-"""DuplexS2SModel: full-duplex speech-to-speech on one causal LLM, one step per 80 ms frame.
+"""DuplexS2SModel: full-duplex speech-to-speech on one causal LLM, one step per 80 ms frame (NeMo's).
 
-Per frame t (frame grid and text channel: `speech_models.duplex_data`):
+Teacher forcing on the frame grid of the user's perception output (T frames: the perception tensor, cut to the
+agent codec's length when that is shorter), with the text channel `tokens` (`speech_models.duplex_data`) and the
+agent codes `codes` (B, T, K), exactly as NeMo's `DuplexS2SModel.prepare_inputs`:
 
-    input_t  = perception(user audio)[t] + E_text(text[t-1]) + sum_k E_k(codes[t-1, k])
-    h_t      = LLM(input_<=t)                                     (causal; KV cache at inference)
-    text[t]  = argmax lm_head(h_t)            codes[t, k] = argmax audio_head_k(h_t)
+    codes[t]   = speech BOS / EOS (ids codebook_size, +1) where tokens[t] is text BOS / EOS, else the codec's
+    input_j    = E_text(tokens[j]) + sum_k E_k(codes[j - 1, k]) + w * perception(user)[j]     (codes[-1] = delay,
+                                                                                               id codebook_size + 2)
+    h_j        = LLM(input_<=j)       text head(h_j) -> tokens[j + 1]       audio head_k(h_j) -> codes[j, k]
 
-with text[-1] = PAD and codes[-1] = the speech "delay" code (start of session). Agent audio is encoded by a
-frozen codec (`speech_models.codec`) into K codebooks per frame; at frames where the text channel holds BOS/EOS
-the codes are replaced by extra ids speech-BOS/EOS (ids `codebook_size`, `+1`; `+2` is delay), so each
-codebook's vocabulary is `codebook_size + 3`.
+for j = 0 .. T - 2 (T - 1 frames), w = `duplex_user_channel_weight`. The text head is trained one frame ahead of
+the audio heads: a turn's text BOS is predicted at the frame before its speech BOS, so each frame's codes are
+predicted with that frame's text token already in the input. Greedy decoding (`offline_inference`) runs the same
+recurrence over all T perception frames, feeding back its own text and codes (KV cache).
 
     loss = text_loss_weight * CE(text) + audio_loss_weight * CE(codes)
 
-Both CEs are means over valid frames (audio also over the K codebooks); frames past `frame_lens` are excluded.
-The audio head is one fused Linear (H -> K * V): K independent per-codebook heads in one matmul (NeMo's
-layout). DuplexS2SSpeechDecoderModel subclasses this and overrides the three `_..._audio_...` hooks.
+Both CEs are sums over the valid frames (`t < min(user frames, text channel frames) - 1`) divided by their count
+(audio also by K). NeMo divides by the same count but sums over every frame, padding of shorter examples included;
+masking it here is deliberate (see README, "Coming from NeMo"); on batches without padding the two are equal.
+
+Parameter names are NeMo's: `llm.*` is the decoder stack (e.g. `llm.layers.0...`, `llm.norm`), `lm_head.*` the text
+head, `embed_tokens.*` the token embedding, `embed_audio_tokens.K.*` / `audio_head.*` the audio embeddings and the
+fused audio head (H -> K * V, codebook k = slice k). DuplexS2SSpeechDecoderModel subclasses this and overrides the
+`_..._audio_...` hooks.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,7 +40,7 @@ from torch import nn
 
 from speech_models.codec import AudioCodec
 from speech_models.config import AudioFrames, ModelConfig
-from speech_models.duplex_data import DuplexS2SCollator, num_frames, text_channel_to_str, text_special_ids
+from speech_models.duplex_data import DuplexS2SCollator, text_channel_to_str, text_special_ids
 from speech_models.freezing import setup_trainable_params
 from speech_models.perception import build_perception
 from speech_models.salm import load_llm
@@ -43,18 +52,14 @@ __all__ = ["DuplexS2SCollator", "DuplexS2SModel"]  # the registry looks the coll
 # ----------------------------------------------------------------------------------------------
 
 
-def _module_path(root: nn.Module, target: nn.Module) -> str:
-    return next(name for name, module in root.named_modules() if module is target)
-
-
-def split_causal_lm(llm: nn.Module) -> tuple[nn.Embedding, str, str]:
-    """Move the token embedding out of a HF causal LM (NeMo's layout) and return it with the paths of the
-    decoder stack and the LM head inside `llm` (e.g. "model", "lm_head"), which the model runs separately."""
-    embed, decoder, head = llm.get_input_embeddings(), llm.get_decoder(), llm.get_output_embeddings()
-    decoder_path, head_path = _module_path(llm, decoder), _module_path(llm, head)
-    owner, _, attr = _module_path(llm, embed).rpartition(".")
-    delattr(llm.get_submodule(owner), attr)
-    return embed, decoder_path, head_path
+def split_causal_lm(causal_lm: nn.Module) -> tuple[nn.Module, nn.Module, nn.Embedding]:
+    """(decoder stack, LM head, token embedding) of a HF causal LM, the embedding moved out of the stack: NeMo's
+    layout (`llm` = e.g. LlamaModel, `lm_head`, `embed_tokens`), which its parameter names come from."""
+    decoder, head, embed = causal_lm.get_decoder(), causal_lm.get_output_embeddings(), causal_lm.get_input_embeddings()
+    owner = next(module for module in decoder.modules() if any(child is embed for child in module.children()))
+    attr = next(name for name, child in owner.named_children() if child is embed)
+    delattr(owner, attr)
+    return decoder, head, embed
 
 
 def _as_tensor(x: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -90,6 +95,17 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
+@dataclass
+class TeacherForcing:
+    """Inputs and labels of one teacher-forced pass, over the T - 1 input frames (see the module docstring)."""
+
+    input_embeds: torch.Tensor  # (B, T-1, H) LLM input
+    audio_inputs: torch.Tensor  # (B, T-1, K) previous-frame codes (what the speech decoder conditions on)
+    text_labels: torch.Tensor  # (B, T-1) tokens[j + 1]
+    audio_labels: torch.Tensor  # (B, T-1, K) codes[j]
+    mask: torch.Tensor  # (B, T-1) bool, the valid frames: j < min(user frames, text channel frames) - 1
+
+
 # ----------------------------------------------------------------------------------------------
 # The composed model
 # ----------------------------------------------------------------------------------------------
@@ -111,13 +127,13 @@ class DuplexS2SModel(nn.Module):
         self.source_sample_rate = int(data_cfg.source_sample_rate)
         self.target_sample_rate = int(data_cfg.target_sample_rate)
 
-        # LLM with the token embedding moved out, as in SALM (params llm.model.*, llm.lm_head.*, embed_tokens.*)
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained_llm)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_source)  # no token added (as NeMo)
         self.text_bos_id, self.text_eos_id, self.text_pad_id = text_special_ids(self.tokenizer)
-        self.llm = load_llm(cfg.pretrained_llm, cfg.pretrained_weights)
-        self.embed_tokens, self._decoder_path, self._lm_head_path = split_causal_lm(self.llm)
+        self.llm, self.lm_head, self.embed_tokens = split_causal_lm(
+            load_llm(cfg.pretrained_llm, cfg.pretrained_weights)
+        )
         hidden = self.llm.config.get_text_config().hidden_size
 
         self.perception = self._build_perception(cfg, hidden)
@@ -126,13 +142,33 @@ class DuplexS2SModel(nn.Module):
         self.codebook_size = self.audio_codec.codebook_size
         self._build_audio_modules(hidden)
         self.trainable_summary = setup_trainable_params(self, cfg)  # LoRA on `llm`, then freeze_params
+        if cfg.init_from_checkpoint:
+            from speech_models.pretrained import init_from_checkpoint
+
+            init_from_checkpoint(self, cfg.init_from_checkpoint)
 
     @classmethod
-    def from_pretrained(cls, directory: str, device: str = "cpu") -> DuplexS2SModel:
-        """Load a directory written by `speech_models.pretrained.save_pretrained` (no pretrained sources needed)."""
+    def from_pretrained(
+        cls,
+        directory: str,
+        device: str = "cpu",
+        pretrained_llm: str | None = None,
+        pretrained_audio_codec: str | None = None,
+    ) -> DuplexS2SModel:
+        """Load a model directory: a `speechlm export` or a NeMo `save_pretrained` dir, a local path or a hub id.
+
+        A NeMo checkpoint's codec is a NeMo AudioCodecModel, which this project does not implement:
+        `pretrained_audio_codec` must then name a transformers codec of the same codebook size and count.
+        """
         from speech_models.pretrained import from_pretrained
 
-        return from_pretrained(directory, expected_class=cls, device=device)
+        return from_pretrained(
+            directory,
+            expected_class=cls,
+            device=device,
+            pretrained_llm=pretrained_llm,
+            pretrained_audio_codec=pretrained_audio_codec,
+        )
 
     def _build_perception(self, cfg: ModelConfig, hidden: int) -> nn.Module:
         if cfg.perception.output_dim not in (None, hidden):
@@ -188,16 +224,17 @@ class DuplexS2SModel(nn.Module):
         )
         self.audio_head = nn.Linear(hidden, self.num_codebooks * self.speech_vocab_size)
 
-    def _frame_inputs(self, source: torch.Tensor, prev_text: torch.Tensor, prev_codes: torch.Tensor) -> torch.Tensor:
-        """LLM input embeddings (B, T, H) from user frames (B, T, H), previous text (B, T), codes (B, T, K)."""
-        x = self.embed_tokens(prev_text)  # (B, T, H)
+    def _frame_inputs(self, source: torch.Tensor, text: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """LLM input embeddings (B, T, H) from user frames (B, T, H), text tokens (B, T) and codes (B, T, K), added
+        in NeMo's order (text, each codebook, then the weighted user frames)."""
+        x = self.embed_tokens(text)  # (B, T, H)
         for k, embed in enumerate(self.embed_audio_tokens):
-            x = x + embed(prev_codes[..., k])
-        return x + source.to(x.dtype)
+            x = x + embed(codes[..., k])
+        return x + source.to(x.dtype) * self.cfg.duplex_user_channel_weight
 
-    def _audio_logits(self, hidden: torch.Tensor, prev_codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Training: audio logits (N, K, V) for the N valid frames selected by `mask` (B, T)."""
-        return self.audio_head(hidden[mask]).view(-1, self.num_codebooks, self.speech_vocab_size)
+    def _audio_logits(self, hidden: torch.Tensor, prev_codes: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: audio logits (B, T, K, V) from hidden states (B, T, H) and previous codes (B, T, K)."""
+        return self.audio_head(hidden).unflatten(-1, (self.num_codebooks, self.speech_vocab_size))
 
     def _new_audio_state(self, batch_size: int) -> Any:
         return None
@@ -208,64 +245,63 @@ class DuplexS2SModel(nn.Module):
 
     # -- shared computation -----------------------------------------------------------------------
 
-    def _causal_lm(self) -> nn.Module:
-        """The HF causal LM, under the peft wrapper when LoRA is installed (LoRA layers sit inside it)."""
+    def _decoder(self) -> nn.Module:
+        """The LLM's decoder stack, under the peft wrapper when LoRA is installed (LoRA layers sit inside it)."""
         return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
-
-    def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._causal_lm().get_submodule(self._lm_head_path)(hidden)
 
     def _llm_hidden(self, input_embeds: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
         """Decoder stack only (no LM head): hidden states (B, T, H) and the updated KV cache."""
-        out = self._causal_lm().get_submodule(self._decoder_path)(
-            inputs_embeds=input_embeds, cache=cache, use_cache=cache is not None
-        )
+        out = self._decoder()(inputs_embeds=input_embeds, cache=cache, use_cache=cache is not None)
         return out.last_hidden_state, out.cache
 
-    def _encode_source(
-        self, audio: torch.Tensor, audio_lens: torch.Tensor, n: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """User audio -> exactly `n` frames (B, n, H) and valid lengths (B,) (perception output cut/padded)."""
-        encoded, lens = self.perception(audio, audio_lens)  # (B, T', H)
-        return _fit_frames(encoded, n), lens.clamp(max=n)
+    def _target_codes(self, batch: dict[str, Any], max_frames: int) -> torch.Tensor:
+        """Agent codes (B, T_codec, K), T_codec <= max_frames: the codec's encoding of `target_audio`, or the
+        batch's own `target_codes` (B, T_codec, K) when given (codes made elsewhere, e.g. by NeMo's codec)."""
+        if "target_codes" in batch:
+            return _as_tensor(batch["target_codes"], self.device, torch.long)[:, :max_frames]
+        lens = _as_tensor(batch["target_audio_lens"], self.device, torch.long)
+        n = min(max_frames, self.audio_codec.n_frames_for(int(lens.max()), self.target_sample_rate))
+        codes, _ = self.audio_codec.encode(
+            _as_tensor(batch["target_audio"], self.device, torch.float32), lens, self.target_sample_rate, n_frames=n
+        )
+        return codes  # (B, n, K)
 
-    def prepare_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Teacher-forced inputs and labels on the text channel's frame grid (see the module docstring)."""
+    def prepare_inputs(self, batch: dict[str, Any]) -> TeacherForcing:
+        """Teacher-forced inputs and labels, as NeMo's `prepare_inputs` (see the module docstring)."""
         device = self.device
-        tokens = _as_tensor(batch["target_tokens"], device, torch.long)  # (B, T)
-        B, T = tokens.shape
-        source, source_lens = self._encode_source(
+        source, source_lens = self.perception(
             _as_tensor(batch["source_audio"], device, torch.float32),
             _as_tensor(batch["source_audio_lens"], device, torch.long),
-            T,
-        )
-        lens = torch.minimum(_as_tensor(batch["frame_lens"], device, torch.long), source_lens)  # (B,)
-        codes, _ = self.audio_codec.encode(
-            _as_tensor(batch["target_audio"], device, torch.float32),
-            _as_tensor(batch["target_audio_lens"], device, torch.long),
-            self.target_sample_rate,
-            n_frames=T,
-        )  # (B, T, K)
+        )  # (B, T_src, H): NeMo's grid is the perception tensor, padded frames included
+        codes = self._target_codes(batch, source.shape[1])  # (B, T, K), T = min(T_src, T_codec)
+        T = codes.shape[1]
+        tokens = _fit_frames(_as_tensor(batch["target_tokens"], device, torch.long), T, self.text_pad_id)  # (B, T)
+        lens = source_lens.clamp(max=T)
+        if "frame_lens" in batch:  # the text channel's own length (this project's collator)
+            lens = torch.minimum(lens, _as_tensor(batch["frame_lens"], device, torch.long))
         codes = torch.where(tokens[..., None] == self.text_bos_id, self.speech_bos_id, codes)
         codes = torch.where(tokens[..., None] == self.text_eos_id, self.speech_eos_id, codes)
-        prev_text = torch.cat([tokens.new_full((B, 1), self.text_pad_id), tokens[:, :-1]], dim=1)  # (B, T)
-        prev_codes = torch.cat([codes.new_full((B, 1, self.num_codebooks), self.speech_delay_id), codes[:, :-1]], 1)
-        return {
-            "input_embeds": self._frame_inputs(source, prev_text, prev_codes),  # (B, T, H)
-            "prev_codes": prev_codes,  # (B, T, K)
-            "text_labels": tokens,  # (B, T)
-            "audio_labels": codes,  # (B, T, K)
-            "mask": torch.arange(T, device=device)[None] < lens[:, None],  # (B, T)
-        }
+        delay = codes.new_full((codes.shape[0], 1, self.num_codebooks), self.speech_delay_id)
+        audio_inputs = torch.cat([delay, codes[:, :-2]], dim=1)  # (B, T-1, K): codes[j - 1]
+        return TeacherForcing(
+            input_embeds=self._frame_inputs(source[:, : T - 1], tokens[:, :-1], audio_inputs),  # (B, T-1, H)
+            audio_inputs=audio_inputs,
+            text_labels=tokens[:, 1:],  # (B, T-1)
+            audio_labels=codes[:, :-1],  # (B, T-1, K)
+            mask=torch.arange(T - 1, device=device)[None] < (lens - 1)[:, None],  # (B, T-1)
+        )
+
+    def teacher_forced_logits(self, inputs: TeacherForcing) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text logits (B, T-1, V_text) and audio logits (B, T-1, K, V) of every input frame (NeMo's forward)."""
+        hidden, _ = self._llm_hidden(inputs.input_embeds)  # (B, T-1, H)
+        return self.lm_head(hidden), self._audio_logits(hidden, inputs.audio_inputs)
 
     def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         inputs = self.prepare_inputs(batch)
-        mask = inputs["mask"]
-        hidden, _ = self._llm_hidden(inputs["input_embeds"])  # (B, T, H)
-        text_logits = self._lm_head(hidden[mask])  # (N, V_text)
-        audio_logits = self._audio_logits(hidden, inputs["prev_codes"], mask)  # (N, K, V)
-        text_labels = inputs["text_labels"][mask]  # (N,)
-        audio_labels = inputs["audio_labels"][mask]  # (N, K)
+        text_logits, audio_logits = self.teacher_forced_logits(inputs)
+        mask = inputs.mask
+        text_logits, audio_logits = text_logits[mask], audio_logits[mask]  # (N, V_text), (N, K, V)
+        text_labels, audio_labels = inputs.text_labels[mask], inputs.audio_labels[mask]  # (N,), (N, K)
         n = mask.sum().clamp(min=1)
         text_loss = F.cross_entropy(text_logits.float(), text_labels, reduction="sum") / n
         audio_loss = F.cross_entropy(audio_logits.flatten(0, 1).float(), audio_labels.flatten(), reduction="sum") / (
@@ -326,23 +362,21 @@ class DuplexS2SModel(nn.Module):
         input_signal_lens: torch.Tensor | np.ndarray,
         decode_audio: bool = True,
     ) -> dict[str, Any]:
-        """Greedy frame-by-frame generation over the whole user signal, with the LLM's KV cache.
+        """Greedy frame-by-frame generation over the whole perception output of the user signal (NeMo's).
 
-        `input_signal` (B, T) at data.source_sample_rate. Returns "text" (list[str]), "tokens_text" (B, F),
-        "tokens_audio" (B, F, K), "tokens_len" (B,) with F = ceil(T / samples per frame), and when
-        `decode_audio` "audio" (B, F * frame_length * target_sample_rate) float32 and "audio_len" (B,).
+        `input_signal` (B, T) at data.source_sample_rate. Frame t's input is the user frame t plus the text and
+        codes generated at frame t - 1 (PAD and the delay code at t = 0). Returns "text" (list[str]), "tokens_text"
+        (B, F), "tokens_audio" (B, F, K), "tokens_len" (B,) (the valid perception frames) with F the perception
+        tensor length, and when `decode_audio` "audio" (B, F * frame_length * target_sample_rate) float32 and
+        "audio_len" (B,).
         """
         device = self.device
         signal = _as_tensor(input_signal, device, torch.float32)
         signal_lens = _as_tensor(input_signal_lens, device, torch.long)
         B = signal.shape[0]
-        n = num_frames(signal.shape[1], self.source_sample_rate, self.frame_length)
-        frame_lens = torch.tensor(
-            [num_frames(int(x), self.source_sample_rate, self.frame_length) for x in signal_lens], device=device
-        )
         with eval_mode(self):
-            source, source_lens = self._encode_source(signal, signal_lens, n)  # (B, n, H)
-            lens = torch.minimum(frame_lens, source_lens)
+            source, lens = self.perception(signal, signal_lens)  # (B, n, H)
+            n = source.shape[1]
             gen_text = torch.full((B, n), self.text_pad_id, dtype=torch.long, device=device)
             gen_codes = torch.full((B, n, self.num_codebooks), self.speech_delay_id, dtype=torch.long, device=device)
             prev_text = torch.full((B, 1), self.text_pad_id, dtype=torch.long, device=device)
@@ -352,7 +386,7 @@ class DuplexS2SModel(nn.Module):
             for t in range(n):
                 x = self._frame_inputs(source[:, t : t + 1], prev_text, prev_codes)  # (B, 1, H)
                 hidden, cache = self._llm_hidden(x, cache)  # (B, 1, H)
-                gen_text[:, t] = self._lm_head(hidden[:, -1]).argmax(-1)
+                gen_text[:, t] = self.lm_head(hidden[:, -1]).argmax(-1)
                 gen_codes[:, t] = self._audio_step(hidden, prev_codes, state).argmax(-1)  # (B, K)
                 prev_text, prev_codes = gen_text[:, t : t + 1], gen_codes[:, t : t + 1]
 
@@ -385,25 +419,19 @@ class DuplexS2SModel(nn.Module):
         """Text logits and the audio logits of every frame (fed PAD text and delay codes), flattened (export
         checks)."""
         signal, lens = _pad_waveforms(audios)
-        signal, lens = _as_tensor(signal, self.device), _as_tensor(lens, self.device)
-        n = num_frames(signal.shape[1], self.source_sample_rate, self.frame_length)
         with eval_mode(self):
-            source, _ = self._encode_source(signal, lens, n)  # (B, n, H)
-            B = signal.shape[0]
-            prev_text = torch.full((B, n), self.text_pad_id, dtype=torch.long, device=self.device)
-            prev_codes = torch.full(
-                (B, n, self.num_codebooks), self.speech_delay_id, dtype=torch.long, device=self.device
-            )
-            hidden, _ = self._llm_hidden(self._frame_inputs(source, prev_text, prev_codes))  # (B, n, H)
-            mask = torch.ones(B, n, dtype=torch.bool, device=self.device)
-            text = self._lm_head(hidden)  # (B, n, V)
-            audio = self._audio_logits(hidden, prev_codes, mask)  # (B * n, K, V_audio)
-        return torch.cat([text.float().flatten(), audio.float().flatten()])
+            source, _ = self.perception(_as_tensor(signal, self.device), _as_tensor(lens, self.device))  # (B, n, H)
+            B, n = source.shape[:2]
+            text = torch.full((B, n), self.text_pad_id, dtype=torch.long, device=self.device)
+            codes = torch.full((B, n, self.num_codebooks), self.speech_delay_id, dtype=torch.long, device=self.device)
+            hidden, _ = self._llm_hidden(self._frame_inputs(source, text, codes))  # (B, n, H)
+            text_logits, audio_logits = self.lm_head(hidden), self._audio_logits(hidden, codes)
+        return torch.cat([text_logits.float().flatten(), audio_logits.float().flatten()])
 
     def _new_llm_cache(self) -> Any:
         from transformers import DynamicCache
 
-        return DynamicCache(config=self._causal_lm().config)
+        return DynamicCache(config=self.llm.config)
 
     def decode_codes(self, codes: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes (B, T, K) -> waveform (B, T * frame_length * target_sample_rate); control ids become silence."""

@@ -8,9 +8,12 @@ Semantics (NeMo speechlm2):
   for a full match) and no `prevent_freeze_params` pattern does. Patterns never unfreeze anything.
 - LoRA weights always stay trainable.
 - Patterns are matched against the name *without* the peft wrapping, so the documented
-  `^llm\\.model\\.layers\\.[0-4]\\..+$` means the same with or without LoRA: peft's
+  `^llm\\.model\\.layers\\.[0-4]\\..+$` (SALM) means the same with or without LoRA: peft's
   `llm.base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight` is matched as
-  `llm.model.layers.0.self_attn.q_proj.weight`.
+  `llm.model.layers.0.self_attn.q_proj.weight`. (NeMo matches the raw peft names; under LoRA peft has frozen
+  every base LLM weight already, so the two differ only in which patterns are reported as matching nothing.)
+- Names are NeMo's: SALM's `llm` is the whole causal LM (`llm.model.layers.*`, `llm.lm_head.*`), a duplex
+  model's `llm` the decoder stack (`llm.layers.*`, `llm.norm.*`) with `lm_head.*` beside it.
 - A pattern that matches no parameter is logged as a warning (usually a typo or a renamed module).
 """
 
@@ -57,10 +60,17 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 
 def install_lora(model: nn.Module, lora_cfg) -> None:
-    """Wrap `model.llm` with peft LoRA (`peft.LoraConfig(**asdict(lora_cfg))`)."""
+    """Wrap `model.llm` with peft LoRA (`peft.LoraConfig(**asdict(lora_cfg))`).
+
+    Duplex models hold only the decoder stack in `llm` (NeMo's layout), which peft's CAUSAL_LM wrapper cannot
+    wrap (it needs generation methods); the task type is dropped there. The parameter names are the same.
+    """
     import peft
 
-    model.llm = peft.get_peft_model(model.llm, peft.LoraConfig(**asdict(lora_cfg)))
+    options = asdict(lora_cfg)
+    if not hasattr(model.llm, "prepare_inputs_for_generation"):
+        options["task_type"] = None
+    model.llm = peft.get_peft_model(model.llm, peft.LoraConfig(**options))
 
 
 def apply_freeze_params(
@@ -84,9 +94,15 @@ def apply_freeze_params(
             frozen += 1
     for pattern, count in hits.items():
         if count == 0:
-            logger.warning("freeze pattern %r matches no parameter name (e.g. 'llm.model.layers.0...')", pattern)
+            logger.warning(
+                "freeze pattern %r matches no parameter name (e.g. %r)", pattern, next(iter(_example_names(model)))
+            )
     trainable, total = count_params(model)
     return TrainableSummary(trainable=trainable, total=total, frozen_by_pattern=frozen)
+
+
+def _example_names(model: nn.Module) -> list[str]:
+    return [canonical_param_name(name) for name, _ in model.named_parameters()][:1] or ["(no parameters)"]
 
 
 def setup_trainable_params(model: nn.Module, cfg) -> TrainableSummary:

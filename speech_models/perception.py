@@ -35,18 +35,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speech_models.config import ConformerConfig, PerceptionConfig, PreprocessorConfig, SpecAugmentConfig
+from speech_models.config import (
+    ConformerConfig,
+    PerceptionConfig,
+    PreprocessorConfig,
+    SpecAugmentConfig,
+    perception_option_problems,
+)
 
 logger = logging.getLogger(__name__)
 
-# NeMo FilterbankFeatures constants that the typed config does not expose (NeMo's own defaults).
-PREEMPH = 0.97
-MAG_POWER = 2.0
-NORMALIZE_EPS = 1e-5
-MASK_FILL = -10000.0
-CPU_CHUNK_ELEMENTS = (
-    1 << 22
-)  # ConvSubsampling's largest activation per CPU chunk (4M floats = 16 MiB)  # NeMo's value for masked attention scores (finite: fully padded rows stay finite)
+NORMALIZE_EPS = 1e-5  # NeMo's CONSTANT, added to the per-feature standard deviation
+MASK_FILL = -10000.0  # NeMo's value for masked attention scores (finite: fully padded rows stay finite)
+CPU_CHUNK_ELEMENTS = 1 << 22  # ConvSubsampling's largest activation per CPU chunk (4M floats = 16 MiB)
+_WINDOWS = {
+    "hann": torch.hann_window,
+    "hamming": torch.hamming_window,
+    "blackman": torch.blackman_window,
+    "bartlett": torch.bartlett_window,
+    "ones": lambda n, periodic=False: torch.ones(n),
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,37 +62,45 @@ CPU_CHUNK_ELEMENTS = (
 # ----------------------------------------------------------------------------------------------
 
 
-def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
-    """Slaney-scale, slaney-normalised triangular filters, as librosa.filters.mel: (n_mels, n_fft // 2 + 1)."""
+def mel_filterbank(
+    sample_rate: int, n_fft: int, n_mels: int, lowfreq: float = 0.0, highfreq: float | None = None, norm="slaney"
+) -> torch.Tensor:
+    """Slaney-scale triangular filters as librosa.filters.mel (NeMo's): (n_mels, n_fft // 2 + 1)."""
     from transformers.audio_utils import mel_filter_bank
 
     fb = mel_filter_bank(
         num_frequency_bins=n_fft // 2 + 1,
         num_mel_filters=n_mels,
-        min_frequency=0.0,
-        max_frequency=sample_rate / 2,
+        min_frequency=float(lowfreq),
+        max_frequency=float(highfreq) if highfreq is not None else sample_rate / 2,
         sampling_rate=sample_rate,
-        norm="slaney",
+        norm=norm,
         mel_scale="slaney",
     )
     return torch.from_numpy(fb.T.copy()).float()
 
 
-class FilterbankFeatures(nn.Module):
-    """Log-mel spectrogram with NeMo's conventions (pre-emphasis, power 2, log(x + 2^-24), per-feature norm).
+def stft_sizes(cfg: PreprocessorConfig) -> tuple[int, int, int]:
+    """(window length, hop length, n_fft) in samples, as NeMo derives them from the config."""
+    win_length = cfg.n_window_size or round(cfg.window_size * cfg.sample_rate)
+    hop_length = cfg.n_window_stride or round(cfg.window_stride * cfg.sample_rate)
+    n_fft = cfg.n_fft or 2 ** math.ceil(math.log2(win_length))
+    return win_length, hop_length, n_fft
 
-    Runs in float32 without autograd whatever the module dtype: the front end has no parameters, and
-    bf16 STFTs lose the dynamic range the log needs. `keep_fp32` tells the trainer not to cast it.
+
+class FilterbankFeatures(nn.Module):
+    """Log-mel spectrogram with NeMo's conventions (pre-emphasis, |STFT|^mag_power, log(x + guard), per-feature
+    normalisation, frames past a row's length set to zero). The tensor keeps every STFT frame, padded ones
+    included, as NeMo's does: duplex models run over the whole perception tensor, so its length must be NeMo's.
+
+    Runs in float32 without autograd whatever the module dtype: the front end has no parameters, and bf16 STFTs
+    lose the dynamic range the log needs.
     """
 
-    keep_fp32 = True
-
-    def __init__(self, cfg: PreprocessorConfig, preemph: float | None = PREEMPH):
+    def __init__(self, cfg: PreprocessorConfig):
         super().__init__()
         self.sample_rate = cfg.sample_rate
-        self.win_length = round(cfg.window_size * cfg.sample_rate)
-        self.hop_length = round(cfg.window_stride * cfg.sample_rate)
-        self.n_fft = cfg.n_fft
+        self.win_length, self.hop_length, self.n_fft = stft_sizes(cfg)
         if self.win_length > self.n_fft:
             raise ValueError(
                 f"preprocessor.window_size {cfg.window_size}s is {self.win_length} samples, more than "
@@ -94,17 +110,26 @@ class FilterbankFeatures(nn.Module):
         self.normalize = cfg.normalize
         self.dither = cfg.dither
         self.pad_to = cfg.pad_to
+        self.preemph = cfg.preemph
+        self.mag_power = cfg.mag_power
+        self.log = cfg.log
+        self.log_zero_guard_type = cfg.log_zero_guard_type
         self.log_zero_guard_value = cfg.log_zero_guard_value
-        self.preemph = preemph
-        window_fn = {"hann": torch.hann_window, "hamming": torch.hamming_window}[cfg.window]
-        # Persistent buffers named as NeMo's featurizer.window / featurizer.fb, so checkpoints round-trip.
-        self.register_buffer("window", window_fn(self.win_length, periodic=False))
-        self.register_buffer("fb", mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.features).unsqueeze(0))
+        # Persistent buffers, named as NeMo's (perception.preprocessor.featurizer.window / .fb).
+        self.register_buffer("window", _WINDOWS[cfg.window](self.win_length, periodic=False))
+        fb = mel_filterbank(cfg.sample_rate, self.n_fft, cfg.features, cfg.lowfreq, cfg.highfreq, cfg.mel_norm)
+        self.register_buffer("fb", fb.unsqueeze(0))
 
     def output_lengths(self, audio_lens: torch.Tensor) -> torch.Tensor:
         """Valid feature frames per example: floor((len + 2 * (n_fft // 2) - n_fft) / hop), as NeMo."""
         pad = self.n_fft // 2 * 2
         return torch.div(audio_lens + pad - self.n_fft, self.hop_length, rounding_mode="floor").clamp(min=0)
+
+    def _guard(self) -> float:
+        value = self.log_zero_guard_value
+        if isinstance(value, str):  # NeMo's "tiny" / "eps": of the float32 features
+            return getattr(torch.finfo(torch.float32), value)
+        return value
 
     @torch.no_grad()
     def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,23 +155,20 @@ class FilterbankFeatures(nn.Module):
             pad_mode="constant",
             return_complex=True,
         )  # (B, n_fft // 2 + 1, T_stft)
-        power = torch.view_as_real(spec).pow(2).sum(-1)  # |X|^2
-        if MAG_POWER != 2.0:
-            power = power.sqrt().pow(MAG_POWER)
+        magnitude = torch.view_as_real(spec).pow(2).sum(-1).sqrt()  # |X|, NeMo's order of operations
+        power = magnitude.pow(self.mag_power) if self.mag_power != 1.0 else magnitude
         mel = torch.matmul(self.fb[0].float(), power)  # (B, features, T_stft)
-        mel = torch.log(mel + self.log_zero_guard_value)
-        # Frames past the longest valid length are padding for every row: drop them (exact, they are
-        # zero-filled below and masked in the encoder anyway).
-        max_len = max(int(feat_lens.max()), 1)
-        mel = mel[..., :max_len]  # (B, features, T)
-        frame_pad = torch.arange(max_len, device=mel.device)[None, :] >= feat_lens[:, None]  # (B, T)
-        mel = self._normalize(mel, feat_lens, frame_pad)
+        if self.log:
+            guard = self._guard()
+            mel = torch.log(mel + guard) if self.log_zero_guard_type == "add" else torch.log(mel.clamp(min=guard))
+        frame_pad = torch.arange(mel.size(-1), device=mel.device)[None, :] >= feat_lens[:, None]  # (B, T_stft)
+        mel = self._normalize(mel, frame_pad)
         mel = mel.masked_fill(frame_pad[:, None, :], 0.0)
-        if self.pad_to > 0 and max_len % self.pad_to:
-            mel = F.pad(mel, (0, self.pad_to - max_len % self.pad_to))
+        if self.pad_to > 0 and mel.size(-1) % self.pad_to:
+            mel = F.pad(mel, (0, self.pad_to - mel.size(-1) % self.pad_to))
         return mel.transpose(1, 2), feat_lens  # (B, T, features)
 
-    def _normalize(self, mel: torch.Tensor, lens: torch.Tensor, frame_pad: torch.Tensor) -> torch.Tensor:
+    def _normalize(self, mel: torch.Tensor, frame_pad: torch.Tensor) -> torch.Tensor:
         if self.normalize not in ("per_feature", "all_features"):
             return mel
         valid = (~frame_pad)[:, None, :]  # (B, 1, T)
@@ -156,6 +178,31 @@ class FilterbankFeatures(nn.Module):
         var = torch.where(valid, mel - mean, 0.0).pow(2).sum(dim=dims, keepdim=True) / (count - 1).clamp(min=1)
         std = var.sqrt().nan_to_num(0.0) + NORMALIZE_EPS
         return (mel - mean) / std
+
+
+class AudioToMelSpectrogramPreprocessor(nn.Module):
+    """NeMo's preprocessor module: a `featurizer` (so buffers are `preprocessor.featurizer.{window,fb}`, as in
+    NeMo checkpoints). `keep_fp32` tells the trainer not to cast it."""
+
+    keep_fp32 = True
+
+    def __init__(self, cfg: PreprocessorConfig):
+        super().__init__()
+        self.featurizer = FilterbankFeatures(cfg)
+
+    @property
+    def hop_length(self) -> int:
+        return self.featurizer.hop_length
+
+    @property
+    def preemph(self) -> float | None:
+        return self.featurizer.preemph
+
+    def output_lengths(self, audio_lens: torch.Tensor) -> torch.Tensor:
+        return self.featurizer.output_lengths(audio_lens)
+
+    def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.featurizer(audio, audio_lens)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,16 +438,27 @@ class MultiHeadAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.h, self.d_k).transpose(1, 2)  # (B, H, T, d_k)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """SDPA with an additive float bias (B|1, H|1, T, T); back to (B, T, D) and the output projection."""
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, pad_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """SDPA with an additive float bias (B|1, H|1, T, T); back to (B, T, D) and the output projection.
+
+        A padded query frame attends to nothing (NeMo zeroes the probabilities of masked keys, and every key
+        is masked for it), so its attention output is zero before `linear_out`, not the uniform average the
+        finite -10000 bias gives. Valid frames are unaffected; padded frames then carry NeMo's values, which
+        duplex models do use (they run the LLM over the whole perception tensor).
+        """
         dropout = self.dropout_p if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout)  # (B, H, T, d_k)
+        out = out.masked_fill(pad_mask[:, None, :, None], 0.0)
         B, H, T, d_k = out.shape
         return self.linear_out(out.transpose(1, 2).reshape(B, T, H * d_k))  # (B, T, D)
 
-    def forward(self, x: torch.Tensor, att_bias: torch.Tensor, pos_emb: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, att_bias: torch.Tensor, pos_emb: torch.Tensor | None, pad_mask: torch.Tensor
+    ) -> torch.Tensor:
         q, k, v = self._heads(self.linear_q(x)), self._heads(self.linear_k(x)), self._heads(self.linear_v(x))
-        return self._attend(q, k, v, att_bias)
+        return self._attend(q, k, v, att_bias, pad_mask)
 
 
 class RelPositionMultiHeadAttention(MultiHeadAttention):
@@ -432,7 +490,9 @@ class RelPositionMultiHeadAttention(MultiHeadAttention):
         x = x.view(B, H, P + 1, T)[:, :, 1:]  # (B, H, P, T): drop the first row
         return x.reshape(B, H, T, P)
 
-    def forward(self, x: torch.Tensor, att_bias: torch.Tensor, pos_emb: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, att_bias: torch.Tensor, pos_emb: torch.Tensor | None, pad_mask: torch.Tensor
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.linear_q(x).view(B, T, self.h, self.d_k)  # (B, T, H, d_k)
         k, v = self._heads(self.linear_k(x)), self._heads(self.linear_v(x))  # (B, H, T, d_k)
@@ -441,7 +501,7 @@ class RelPositionMultiHeadAttention(MultiHeadAttention):
         q_v = (q + self.pos_bias_v).transpose(1, 2)  # (B, H, T, d_k)
         matrix_bd = self.rel_shift(torch.matmul(q_v, p.transpose(-2, -1)))[..., :T]  # (B, H, T, T)
         bias = matrix_bd * (1.0 / math.sqrt(self.d_k)) + att_bias  # SDPA scales only q k^T
-        return self._attend(q_u, k, v, bias)
+        return self._attend(q_u, k, v, bias, pad_mask)
 
 
 class ConformerConvolution(nn.Module):
@@ -507,7 +567,7 @@ class ConformerLayer(nn.Module):
 
     def forward(self, x, att_bias, pos_emb, pad_mask):
         x = x + 0.5 * self.dropout(self.feed_forward1(self.norm_feed_forward1(x)))
-        x = x + self.dropout(self.self_attn(self.norm_self_att(x), att_bias, pos_emb))
+        x = x + self.dropout(self.self_attn(self.norm_self_att(x), att_bias, pos_emb, pad_mask))
         x = x + self.dropout(self.conv(self.norm_conv(x), pad_mask))
         x = x + 0.5 * self.dropout(self.feed_forward2(self.norm_feed_forward2(x)))
         return self.norm_out(x)
@@ -532,7 +592,7 @@ def conv_context(cfg: ConformerConfig) -> tuple[int, int]:
 
 def attention_context_mask(cfg: ConformerConfig, T: int, device: torch.device) -> torch.Tensor | None:
     """(T, T) bool, True where query i may attend key j under att_context_size/style; None = unlimited."""
-    left, right = (int(v) for v in cfg.att_context_size)
+    left, right = (int(v) for v in cfg.context_size)
     if left < 0 and right < 0:
         return None
     i = torch.arange(T, device=device)
@@ -560,13 +620,12 @@ class ConformerEncoder(nn.Module):
     """NeMo ConformerEncoder: pre_encode (conv subsampling, or a Linear when the factor is 1) -> pos_enc ->
     Conformer layers -> optional out_proj. Takes and returns time-major (B, T, C) tensors plus lengths.
 
-    `use_bias` is not a config key (NeMo's `use_bias` and Parakeet's `attention_bias`); it is set from a
-    pretrained checkpoint's config.
+    The output keeps the whole subsampled tensor, padded frames included (NeMo's), so its length is NeMo's.
     """
 
-    def __init__(self, cfg: ConformerConfig, use_bias: bool = True):
+    def __init__(self, cfg: ConformerConfig):
         super().__init__()
-        if cfg.self_attention_model == "rel_pos_local_attn" and max(cfg.att_context_size) <= 0:
+        if cfg.self_attention_model == "rel_pos_local_attn" and max(cfg.context_size) <= 0:
             raise ValueError("self_attention_model rel_pos_local_attn needs att_context_size set, e.g. [64, 64]")
         self.cfg = cfg
         self.subsampling_factor = cfg.subsampling_factor
@@ -591,7 +650,7 @@ class ConformerEncoder(nn.Module):
             shared_v = nn.Parameter(torch.zeros(cfg.n_heads, d_head))
         ctx = conv_context(cfg)
         self.layers = nn.ModuleList(
-            [ConformerLayer(cfg, ctx, use_bias, shared_u, shared_v) for _ in range(cfg.n_layers)]
+            [ConformerLayer(cfg, ctx, cfg.use_bias, shared_u, shared_v) for _ in range(cfg.n_layers)]
         )
         self.out_proj = (
             nn.Linear(cfg.d_model, cfg.feat_out) if cfg.feat_out > 0 and cfg.feat_out != cfg.d_model else None
@@ -633,21 +692,29 @@ class ConformerEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+def _warn_about_dropped_options(cfg: PerceptionConfig) -> None:
+    for name, enc in (("encoder", cfg.encoder), ("modality_adapter", cfg.modality_adapter)):
+        if enc is None:
+            continue
+        if enc.stochastic_depth_drop_prob:
+            logger.warning("perception.%s.stochastic_depth_drop_prob is not implemented; training without it", name)
+        if enc.att_context_size and isinstance(enc.att_context_size[0], list) and len(enc.att_context_size) > 1:
+            logger.warning(
+                "perception.%s.att_context_size %s: multi-lookahead training is not implemented; using %s",
+                name,
+                enc.att_context_size,
+                enc.context_size,
+            )
+
+
 class AudioPerceptionModule(nn.Module):
     """Waveforms -> LLM-width embeddings: preprocessor -> (SpecAugment) -> encoder -> adapter -> proj.
 
-    Parameter names follow NeMo (`preprocessor.*`, `encoder.*`, `modality_adapter.*`, `proj.*`) so freeze
-    patterns written for NeMo mean the same here.
+    Parameter and buffer names follow NeMo (`preprocessor.featurizer.*`, `encoder.*`, `modality_adapter.*`,
+    `proj.*`), so NeMo checkpoints load by name and freeze patterns written for NeMo mean the same here.
     """
 
-    def __init__(
-        self,
-        cfg: PerceptionConfig,
-        output_dim: int,
-        *,
-        preemph: float | None = PREEMPH,
-        encoder_use_bias: bool = True,
-    ):
+    def __init__(self, cfg: PerceptionConfig, output_dim: int):
         super().__init__()
         self.cfg = cfg
         if cfg.preprocessor.features != cfg.encoder.feat_in:
@@ -655,9 +722,12 @@ class AudioPerceptionModule(nn.Module):
                 f"perception.preprocessor.features ({cfg.preprocessor.features}) must equal "
                 f"perception.encoder.feat_in ({cfg.encoder.feat_in})"
             )
-        self.preprocessor = FilterbankFeatures(cfg.preprocessor, preemph=preemph)
+        if problems := perception_option_problems(cfg):
+            raise ValueError("; ".join(problems))
+        _warn_about_dropped_options(cfg)
+        self.preprocessor = AudioToMelSpectrogramPreprocessor(cfg.preprocessor)
         self.spec_augmentation = SpecAugment(cfg.spec_augment) if cfg.spec_augment is not None else None
-        self.encoder = ConformerEncoder(cfg.encoder, use_bias=encoder_use_bias)
+        self.encoder = ConformerEncoder(cfg.encoder)
         width = self.encoder.output_dim
         self.modality_adapter: ConformerEncoder | None = None
         if cfg.modality_adapter is not None:
@@ -684,7 +754,9 @@ class AudioPerceptionModule(nn.Module):
     def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T_samples) float, (B,) int -> embeds (B, T', output_dim), embed_lens (B,) int64.
 
-        T' is the longest embed_len of the batch (the all-padding tail frames are dropped).
+        T' is NeMo's: the subsampled length of every STFT frame (plus `pad_to` padding), which can exceed the
+        longest embed_len by a frame. Frames past a row's embed_len are padding (SALM skips them; duplex models
+        run over them, as NeMo).
         """
         audio_lens = audio_lens.to(device=audio.device, dtype=torch.long)
         feats, lens = self.preprocessor(audio, audio_lens)  # (B, T, F) float32
@@ -694,7 +766,6 @@ class AudioPerceptionModule(nn.Module):
         x, lens = self.encoder(feats, lens)  # (B, T', D_enc)
         if self.modality_adapter is not None:
             x, lens = self.modality_adapter(x, lens)
-        x = x[:, : max(int(lens.max()), 1)]
         return self.proj(x), lens.long()
 
 
@@ -707,11 +778,38 @@ class AudioPerceptionModule(nn.Module):
 class PretrainedASR:
     """What a pretrained ASR checkpoint contributes: its front end and encoder architecture and weights."""
 
-    preprocessor: dict[str, Any]  # PreprocessorConfig keys
-    encoder: dict[str, Any]  # ConformerConfig keys
-    preemph: float | None
-    use_bias: bool
+    preprocessor: dict[str, Any]  # PreprocessorConfig keys (pre-emphasis included)
+    encoder: dict[str, Any]  # ConformerConfig keys (use_bias included)
     state_dict: dict[str, torch.Tensor] | None  # keys relative to AudioPerceptionModule ("encoder.*", ...)
+
+
+# NeMo's class defaults where they differ from this schema's (whose defaults are NeMo's speechlm2 config values).
+# A config written by NeMo (a .nemo archive, a saved config.json) leaves out keys at its class defaults, so its
+# missing keys must take these values, not the schema's.
+NEMO_CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "preprocessor": {"window_size": 0.02, "features": 64, "n_fft": None, "pad_to": 16},
+    "encoder": {
+        "subsampling": "striding",
+        "subsampling_factor": 4,
+        "subsampling_conv_channels": -1,
+        "n_heads": 4,
+        "conv_kernel_size": 31,
+        "dropout_emb": 0.1,
+        "dropout_att": 0.0,
+    },
+    "spec_augment": {"freq_masks": 0, "time_masks": 0, "freq_width": 10, "time_width": 10},
+}
+
+
+def with_nemo_class_defaults(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` (a NeMo-written `preprocessor`, `encoder` or `spec_augment` config) with NeMo's class defaults
+    for the keys it leaves out; null NeMo spellings made explicit (att_context_size: null = unlimited)."""
+    out = {**NEMO_CLASS_DEFAULTS[section], **values}
+    if section == "encoder" and out.get("att_context_size") is None:
+        out["att_context_size"] = [-1, -1]
+    if section == "preprocessor" and out.get("pad_to") == "max":
+        out["pad_to"] = 0  # "max" pads to the longest possible input: padding only, same valid frames
+    return out
 
 
 def _overrides(user: Any, default: Any) -> dict[str, Any]:
@@ -727,37 +825,15 @@ def _known(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        logger.debug("%s: ignoring keys with no counterpart in %s: %s", source, cls.__name__, unknown)
+        logger.warning("%s: ignoring keys with no counterpart in %s: %s", source, cls.__name__, unknown)
     return {k: v for k, v in values.items() if k in names}
 
 
-def _nemo_encoder_config(enc: dict[str, Any], source: str) -> tuple[dict[str, Any], bool]:
-    enc = {k: v for k, v in enc.items() if k not in ("_target_", "target")}
-    if enc.get("reduction") or enc.get("global_tokens", 0):
-        raise ValueError(f"{source}: encoder reduction / global_tokens are not supported by this encoder")
-    if enc.get("stochastic_depth_drop_prob", 0.0):
-        logger.warning("%s: stochastic_depth_drop_prob is not supported; training without it", source)
-    acs = enc.get("att_context_size")
-    if acs is not None and len(acs) and isinstance(acs[0], (list, tuple)):
-        logger.warning("%s: multi-lookahead att_context_size %s; using the first, %s", source, acs, list(acs[0]))
-        enc["att_context_size"] = list(acs[0])
-    elif acs is None:
-        enc["att_context_size"] = [-1, -1]
-    if enc.get("conv_context_size") is not None and not isinstance(enc["conv_context_size"], str):
-        enc["conv_context_size"] = list(enc["conv_context_size"])
-    use_bias = bool(enc.get("use_bias", True))
-    return _known(ConformerConfig, enc, source), use_bias
-
-
-def _nemo_preprocessor_config(pre: dict[str, Any], source: str) -> tuple[dict[str, Any], float | None]:
-    pre = {k: v for k, v in pre.items() if k not in ("_target_", "target")}
-    preemph = pre.get("preemph", PREEMPH)
-    for key, expected in (("frame_splicing", 1), ("mag_power", 2.0), ("log", True), ("exact_pad", False)):
-        if key in pre and pre[key] != expected:
-            raise ValueError(f"{source}: preprocessor.{key}={pre[key]!r} is not supported (only {expected!r})")
-    if pre.get("pad_to") == "max":
-        pre["pad_to"] = 0
-    return _known(PreprocessorConfig, pre, source), preemph
+def _plain(value: Any) -> Any:
+    """YAML tuples/lists of lists as plain lists (att_context_size, conv_context_size)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def load_nemo_asr(path: str | os.PathLike, with_weights: bool = True) -> PretrainedASR:
@@ -778,21 +854,20 @@ def load_nemo_asr(path: str | os.PathLike, with_weights: bool = True) -> Pretrai
     cfg = yaml.safe_load(config_text)
     if "encoder" not in cfg or "preprocessor" not in cfg:
         raise ValueError(f"{source}: model_config.yaml has no encoder/preprocessor section (keys: {sorted(cfg)})")
-    encoder, use_bias = _nemo_encoder_config(dict(cfg["encoder"]), source)
-    preprocessor, preemph = _nemo_preprocessor_config(dict(cfg["preprocessor"]), source)
+    encoder = with_nemo_class_defaults("encoder", {k: _plain(v) for k, v in cfg["encoder"].items()})
+    preprocessor = with_nemo_class_defaults("preprocessor", dict(cfg["preprocessor"]))
     state = None
     if with_weights:
         if weights_bytes is None:
             raise ValueError(f"{source} has no model_weights.ckpt")
         raw = torch.load(io.BytesIO(weights_bytes), map_location="cpu", weights_only=True)
         raw = raw.get("state_dict", raw)
-        state = {}
-        for key, value in raw.items():
-            if key.startswith("encoder."):
-                state[key] = value
-            elif key.startswith("preprocessor.featurizer."):
-                state["preprocessor." + key[len("preprocessor.featurizer.") :]] = value
-    return PretrainedASR(preprocessor, encoder, preemph, use_bias, state)
+        state = {k: v for k, v in raw.items() if k.startswith(("encoder.", "preprocessor.featurizer."))}
+    return PretrainedASR(
+        _known(PreprocessorConfig, preprocessor, f"{source} preprocessor"),
+        _known(ConformerConfig, encoder, f"{source} encoder"),
+        state,
+    )
 
 
 # transformers ParakeetEncoder name -> NeMo/our name (after the "encoder." prefix)
@@ -857,9 +932,9 @@ def load_transformers_asr(name_or_path: str, with_weights: bool = True) -> Pretr
         conv_context_size=None,
         dropout=float(enc_cfg.dropout),
         dropout_att=float(enc_cfg.attention_dropout),
+        use_bias=bool(enc_cfg.attention_bias),
     )
     preprocessor: dict[str, Any] = {"features": enc_cfg.num_mel_bins, "normalize": "per_feature", "dither": 0.0}
-    preemph: float | None = PREEMPH
     try:
         fe = AutoFeatureExtractor.from_pretrained(name_or_path)
     except (OSError, ValueError):
@@ -872,15 +947,15 @@ def load_transformers_asr(name_or_path: str, with_weights: bool = True) -> Pretr
             window_size=fe.win_length / sr,
             window_stride=fe.hop_length / sr,
             n_fft=fe.n_fft,
+            preemph=fe.preemphasis or None,
         )
-        preemph = fe.preemphasis or None
     state = None
     if with_weights:
         model = AutoModel.from_pretrained(name_or_path)
         enc = getattr(model, "encoder", model)
         state = {"encoder." + parakeet_to_nemo_name(k): v for k, v in enc.state_dict().items()}
         del model
-    return PretrainedASR(preprocessor, encoder, preemph, bool(enc_cfg.attention_bias), state)
+    return PretrainedASR(preprocessor, encoder, state)
 
 
 def load_pretrained_asr(name_or_path: str, with_weights: bool = True) -> PretrainedASR:
@@ -895,28 +970,29 @@ def load_pretrained_asr(name_or_path: str, with_weights: bool = True) -> Pretrai
 def build_perception(
     cfg: PerceptionConfig, output_dim: int, pretrained_asr: str | None = None, pretrained_weights: bool = True
 ) -> AudioPerceptionModule:
-    """Build the perception module; with `pretrained_asr`, take the encoder and preprocessor architecture
-    (and, with `pretrained_weights`, the weights) from the checkpoint.
+    """Build the perception module; with `pretrained_asr` and `pretrained_weights`, take the encoder and
+    preprocessor architecture and the weights from the checkpoint (as NeMo, which reads `pretrained_asr` only
+    when it loads pretrained weights: otherwise `cfg` is the whole architecture).
 
     Keys of `cfg.encoder` / `cfg.preprocessor` whose values differ from the schema defaults override the
     checkpoint's (so `encoder.att_context_size: [70, 1]` turns a full-context model into a streaming one).
     """
-    if pretrained_asr is None:
+    if pretrained_asr is None or not pretrained_weights:
         return AudioPerceptionModule(cfg, output_dim)
-    asr = load_pretrained_asr(pretrained_asr, with_weights=pretrained_weights)
+    asr = load_pretrained_asr(pretrained_asr)
     encoder = ConformerConfig(**{**asr.encoder, **_overrides(cfg.encoder, ConformerConfig())})
     preprocessor = PreprocessorConfig(**{**asr.preprocessor, **_overrides(cfg.preprocessor, PreprocessorConfig())})
     if preprocessor.features != encoder.feat_in:
         preprocessor = dataclasses.replace(preprocessor, features=encoder.feat_in)
     merged = dataclasses.replace(cfg, encoder=encoder, preprocessor=preprocessor)
-    module = AudioPerceptionModule(merged, output_dim, preemph=asr.preemph, encoder_use_bias=asr.use_bias)
+    module = AudioPerceptionModule(merged, output_dim)
     if asr.state_dict is not None:
         load_encoder_state(module, asr.state_dict, source=str(pretrained_asr))
     return module
 
 
 def load_encoder_state(module: AudioPerceptionModule, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `encoder.*` / `preprocessor.*` tensors into `module`; every encoder tensor must be present."""
+    """Copy `encoder.*` / `preprocessor.featurizer.*` tensors into `module`; every encoder tensor must be present."""
     own = module.state_dict()
     expected = {k for k in own if k.startswith("encoder.")}
     missing = sorted(expected - set(state))

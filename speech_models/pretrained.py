@@ -1,4 +1,6 @@
-"""Self-contained model directories: `save_pretrained(model, dir)` and `from_pretrained(dir)` for every model.
+"""Model directories: this project's self-contained exports (`save_pretrained(model, dir)`), NeMo's
+`save_pretrained` directories (`speech_models.nemo_format`), `from_pretrained(dir)` for both, and
+`init_from_checkpoint` (NeMo's key: start a model from the weights of either kind of directory).
 
 A training checkpoint keeps only the trainable weights and rebuilds the frozen ones from the `pretrained_*`
 sources. An exported directory needs none of them: it holds every weight and every config needed to rebuild
@@ -7,14 +9,17 @@ the model with `from_config` (no hub, no original LLM/ASR directory):
     DIR/
       config.json            what the directory is (class, format version, sizes), Hugging Face style
       speechlm_config.yaml   the project's `model:` config, made self-contained (paths point inside DIR,
-                             perception resolved, pretrained_weights false), plus the frame/sample rates,
-                             the perception build options and the default prompt (context, system prompt)
+                             perception resolved, pretrained_weights false, no init_from_checkpoint), plus the
+                             frame/sample rates and the default prompt (context, system prompt)
       model.safetensors      ALL weights: perception, embed_tokens, LLM (LoRA merged or not), heads, decoder
       llm/                   the LLM's config.json (+ generation_config.json) and the tokenizer files
       audio_codec/           duplex models only: the frozen codec, saved with its own `save_pretrained`
 
 `SALM.from_pretrained(DIR)`, `DuplexS2SModel.from_pretrained(DIR)` and
-`DuplexS2SSpeechDecoderModel.from_pretrained(DIR)` delegate here.
+`DuplexS2SSpeechDecoderModel.from_pretrained(DIR)` delegate here; DIR may also be a NeMo directory or a hub id.
+
+Format version 2 (NeMo's parameter and buffer names, NeMo's speech decoder) replaced version 1, whose exports
+must be made again from their checkpoints.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from speech_models.typed_data import build
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 SPEECHLM_CONFIG_FILE = "speechlm_config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -50,8 +55,6 @@ class ExportedConfig:
     model: ModelConfig
     data: AudioFrames = field(default_factory=AudioFrames)
     prompt: PromptDefaults = field(default_factory=PromptDefaults)
-    perception_preemph: float | None = 0.97  # perception.PREEMPH; not a config key: from a pretrained ASR
-    perception_encoder_use_bias: bool = True  # idem
     format_version: int = FORMAT_VERSION
 
 
@@ -68,7 +71,10 @@ def read_exported_config(directory: str | Path) -> ExportedConfig:
         )
     data = yaml.safe_load(path.read_text())
     if data.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {data.get('format_version')} is not {FORMAT_VERSION}")
+        raise ValueError(
+            f"{path}: format_version {data.get('format_version')} is not {FORMAT_VERSION}; export the model again "
+            "from its checkpoint with this version (`speechlm export CHECKPOINT --out DIR`)"
+        )
     problems: list[str] = []
     exported = build(ExportedConfig, data, "", problems)
     if problems:
@@ -109,17 +115,22 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return unique, aliases
 
 
-def _load_weights(directory: Path, model: nn.Module) -> None:
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors with tied aliases restored (this project's exports store shared tensors once)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = directory / WEIGHTS_FILE
     state = load_file(str(path))
     with safe_open(str(path), framework="pt") as f:
         aliases = json.loads((f.metadata() or {}).get(_TIED_KEY, "{}"))
     for alias, name in aliases.items():
         state[alias] = state[name]
-    result = model.load_state_dict(state, strict=False)
+    return state
+
+
+def _load_weights(directory: Path, model: nn.Module) -> None:
+    path = directory / WEIGHTS_FILE
+    result = model.load_state_dict(_read_weights(path), strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
             f"{path} does not fit the model its config builds: {len(result.missing_keys)} missing tensors "
@@ -152,11 +163,6 @@ def merge_lora(model: nn.Module) -> bool:
     model.llm = model.llm.merge_and_unload()
     model.cfg = dataclasses.replace(model.cfg, lora=None)
     return True
-
-
-def _encoder_use_bias(perception: nn.Module) -> bool:
-    layers = getattr(perception.encoder, "layers", None)
-    return True if not layers else layers[0].feed_forward1.linear1.bias is not None
 
 
 def _model_class_path(model: nn.Module) -> str:
@@ -211,14 +217,14 @@ def save_pretrained(
             pretrained_audio_codec=codec_dir,
             scoring_asr=None,
             pretrained_weights=False,
+            init_from_checkpoint=None,  # the weights are all here
+            tokenizer_path=None,  # saved in llm/ with the LLM config
             model_type=model_type,
             lora=cfg.lora if has_lora(model) else None,
             perception=model.perception.cfg,  # resolved: a pretrained ASR's architecture merged in
         ),
         data=data,
         prompt=prompt or PromptDefaults(),
-        perception_preemph=model.perception.preprocessor.preemph,
-        perception_encoder_use_bias=_encoder_use_bias(model.perception),
     )
     (directory / SPEECHLM_CONFIG_FILE).write_text(
         "# Written by speech_models.pretrained.save_pretrained; load with <ModelClass>.from_pretrained(DIR).\n"
@@ -262,40 +268,122 @@ def _model_class(directory: Path) -> type:
     return getattr(importlib.import_module(module_name), name)
 
 
-def from_pretrained(directory: str | Path, expected_class: type | None = None, device: str | torch.device = "cpu"):
-    """Rebuild the model saved in `directory` by `save_pretrained`, in eval mode, with no pretrained source.
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """A local model directory, or a hub repo id downloaded (with the Hugging Face cache) to one."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists() or str(name_or_path).count("/") != 1:
+        raise FileNotFoundError(f"{name_or_path}: not a model directory (nor a hub repo id like 'org/name')")
+    from huggingface_hub import snapshot_download
 
-    `expected_class` (e.g. SALM when called as `SALM.from_pretrained`): the saved class must be it or a
-    subclass of it.
+    try:
+        return Path(snapshot_download(str(name_or_path)))
+    except Exception as exc:  # offline, unknown repo, no access: say which and how to get around it
+        raise FileNotFoundError(
+            f"{name_or_path}: no such local directory, and the hub repo could not be fetched "
+            f"({type(exc).__name__}: {exc}); download it first (huggingface-cli download) and pass the directory"
+        ) from exc
+
+
+def from_pretrained(
+    directory: str | Path,
+    expected_class: type | None = None,
+    device: str | torch.device = "cpu",
+    pretrained_llm: str | None = None,
+    pretrained_audio_codec: str | None = None,
+):
+    """Rebuild the model saved in `directory` (an export of this project or a NeMo `save_pretrained` dir, local or
+    a hub id), in eval mode, with no pretrained source but the LLM config and tokenizer a NeMo dir may name.
+
+    `expected_class` (e.g. SALM when called as `SALM.from_pretrained`): the saved class must be it or a subclass.
+    `pretrained_llm` / `pretrained_audio_codec`: replace a NeMo checkpoint's (see `nemo_format.read_nemo_dir`).
     """
-    from speech_models.perception import PREEMPH, AudioPerceptionModule
+    from speech_models import nemo_format
     from speech_models.registry import build_model
 
-    directory = Path(directory)
+    directory = resolve_model_dir(directory)
+    if nemo_format.is_nemo_dir(directory):
+        model = nemo_format.load_nemo_model(directory, pretrained_llm, pretrained_audio_codec)
+        _check_class(directory, type(model), expected_class)
+        return model.to(device)
+    if pretrained_llm is not None or pretrained_audio_codec is not None:
+        raise ValueError(
+            f"{directory} is a self-contained export; pretrained_llm / pretrained_audio_codec cannot change"
+        )
     exported = read_exported_config(directory)
     saved_class = _model_class(directory)
-    if expected_class is not None and not issubclass(saved_class, expected_class):
-        raise TypeError(
-            f"{directory} holds a {saved_class.__name__}, not a {expected_class.__name__}; load it with "
-            f"{saved_class.__name__}.from_pretrained"
-        )
+    _check_class(directory, saved_class, expected_class)
     model = build_model(exported.model, exported.data)
     if type(model) is not saved_class:
         raise TypeError(
             f"{directory}: config builds a {type(model).__name__} but the weights are a {saved_class.__name__}"
         )
-    if (exported.perception_preemph, exported.perception_encoder_use_bias) != (PREEMPH, True):
-        # Perception taken from a pretrained ASR checkpoint: same config, but that checkpoint's front-end
-        # pre-emphasis and bias setting, which are not config keys.
-        from speech_models.freezing import apply_freeze_params
-
-        model.perception = AudioPerceptionModule(
-            exported.model.perception,
-            model.perception.proj.out_features,
-            preemph=exported.perception_preemph,
-            encoder_use_bias=exported.perception_encoder_use_bias,
-        )
-        apply_freeze_params(model, exported.model.freeze_params, exported.model.prevent_freeze_params)
     _load_weights(directory, model)
     model.prompt_defaults = exported.prompt  # how `transcribe` prompts unless told otherwise
     return model.to(device).eval()
+
+
+def _check_class(directory: Path, saved_class: type, expected_class: type | None) -> None:
+    if expected_class is not None and not issubclass(saved_class, expected_class):
+        raise TypeError(
+            f"{directory} holds a {saved_class.__name__}, not a {expected_class.__name__}; load it with "
+            f"{saved_class.__name__}.from_pretrained"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# init_from_checkpoint: start a model from another directory's weights (NeMo's key)
+# ----------------------------------------------------------------------------------------------
+
+
+def init_from_checkpoint(model: nn.Module, name_or_path: str) -> None:
+    """Copy the weights of a model directory (NeMo `save_pretrained` or `speechlm export`) into `model`, by name.
+
+    NeMo's semantics (`model.init_from_checkpoint`): tensors whose shape differs from the model's are skipped with
+    a warning; the model's other tensors keep what building gave them. Names are matched without peft's wrapping,
+    so a checkpoint saved with LoRA merged (plain names) starts a LoRA model, and the other way round (its LoRA
+    tensors are then reported as unused).
+    """
+    from speech_models.freezing import canonical_param_name
+
+    directory = resolve_model_dir(name_or_path)
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model.init_from_checkpoint={name_or_path!r}: {path} does not exist; give a NeMo save_pretrained "
+            "directory or a `speechlm export` directory"
+        )
+    own = model.state_dict()
+    by_canonical = {canonical_param_name(name): name for name in own}
+    selected: dict[str, torch.Tensor] = {}
+    wrong_shape, unused = [], []
+    for name, tensor in _read_weights(path).items():
+        target = by_canonical.get(canonical_param_name(name))
+        if target is None:
+            unused.append(name)
+        elif tuple(tensor.shape) != tuple(own[target].shape):
+            wrong_shape.append(f"{name} {tuple(tensor.shape)} vs {tuple(own[target].shape)}")
+        else:
+            selected[target] = tensor
+    model.load_state_dict(selected, strict=False)
+    untouched = [name for name in own if name not in selected]
+    logger.info("init_from_checkpoint %s: %d of %d tensors loaded", directory, len(selected), len(own))
+    if wrong_shape:
+        logger.warning(
+            "init_from_checkpoint %s: %d tensors skipped, shape differs: %s",
+            directory,
+            len(wrong_shape),
+            wrong_shape[:5],
+        )
+    if unused:
+        logger.warning(
+            "init_from_checkpoint %s: %d tensors have no counterpart here, e.g. %s", directory, len(unused), unused[:5]
+        )
+    if untouched:
+        logger.info(
+            "init_from_checkpoint %s: %d tensors keep their initial values, e.g. %s",
+            directory,
+            len(untouched),
+            untouched[:5],
+        )

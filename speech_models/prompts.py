@@ -6,7 +6,7 @@ and EOS strings (empty when it has none); the exact strings are pinned in tests/
 
     llama2  user        "{bos}[INST] {user} [/INST]"   (a leading system turn folds in:
                         "{bos}[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST]")
-            assistant   " {answer}{eos}"
+            assistant   "{answer} {eos}"                (NeMo's "|message| |eos|")
     llama3  preamble    "{bos}"
             system/user "<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>"
             assistant   "<|start_header_id|>assistant<|end_header_id|>\\n\\n" + "{answer}<|eot_id|>"
@@ -19,10 +19,16 @@ primed with) and a *body* (the answer and its end-of-turn marker, with loss). Wh
 is not the tokenizer's EOS (llama3, qwen and chat templates with a base-model tokenizer), EOS is appended
 to the body so generation always has a token to stop on. Each segment is tokenized on its own, so the
 prompt used for generation is exactly a prefix of the training sequence.
+
+As in NeMo's PromptFormatter, BOS and EOS are emitted as ids, never run through the tokenizer with the text
+around them: `{bos}` and `{eos}` split a segment, the text pieces are tokenized on their own (without the
+tokenizer's own special tokens) and the ids go in between. For llama2 this gives NeMo's ids exactly: the answer
+"TEST" is ['▁TEST', '▁', '</s>'] with a Llama-2 tokenizer.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +55,7 @@ _TEMPLATES: dict[str, _Template] = {
         user="{bos}[INST] {content} [/INST]",
         user_with_system="{bos}[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{content} [/INST]",
         assistant_header="",
-        assistant_body=" {content}{eos}",
+        assistant_body="{content} {eos}",
         end_of_turn="{eos}",
     ),
     "llama3": _Template(
@@ -220,10 +226,33 @@ def encode_dialog(
     ids: list[int] = []
     mask: list[bool] = []
     for text, target in segments:
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        piece = _encode_segment(text, tokenizer)
         ids += piece
         mask += [target] * len(piece)
     return ids, mask
+
+
+def _encode_segment(text: str, tokenizer: Any) -> list[int]:
+    """Token ids of one segment, with the tokenizer's BOS / EOS strings emitted as their ids (see the module
+    docstring) and the text between them tokenized on its own."""
+    specials = {
+        token: token_id
+        for token, token_id in (
+            (tokenizer.bos_token, tokenizer.bos_token_id),
+            (tokenizer.eos_token, tokenizer.eos_token_id),
+        )
+        if token and token_id is not None
+    }
+    if not specials:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    pattern = "(" + "|".join(re.escape(token) for token in specials) + ")"
+    ids: list[int] = []
+    for part in re.split(pattern, text):
+        if part in specials:
+            ids.append(int(specials[part]))
+        elif part:
+            ids += tokenizer(part, add_special_tokens=False)["input_ids"]
+    return ids
 
 
 def stop_token_ids(tokenizer: Any, prompt_format: str) -> list[int]:

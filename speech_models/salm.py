@@ -3,10 +3,14 @@
     audio (N_audio, T) -> AudioPerceptionModule -> (N_audio, T', H) --+
     input_ids (B, L) left-padded, with one placeholder per audio ------+-> splice -> HF causal LM -> CE loss
 
-Parameter names follow NeMo's SALM so freeze patterns mean the same: the token embedding is moved out of
-the LLM (`embed_tokens.weight`, not `llm.model.embed_tokens.weight`), so `llm.*` is the decoder stack and
-the LM head, `perception.*` the audio side. During `generate` the embedding is lent back to the LLM,
-because Hugging Face's generation loop embeds the tokens it samples.
+Parameter names follow NeMo's SALM so freeze patterns mean the same and NeMo checkpoints load by name: the
+token embedding is moved out of the LLM (`embed_tokens.weight`, not `llm.model.embed_tokens.weight`), so `llm.*`
+is the decoder stack and the LM head, `perception.*` the audio side. During `generate` the embedding is lent back
+to the LLM, because Hugging Face's generation loop embeds the tokens it samples.
+
+The audio placeholder is added to the tokenizer but, as in NeMo, the LLM's embedding is not resized for it: its
+id may lie past the last embedding row, so it is replaced by id 0 before embedding (the placeholder's embedding
+is overwritten by audio frames anyway), and the LM head (as many rows as the embedding) can never predict it.
 
 Batch format (what `SALMCollator` emits and `SALM.forward` / `validation_step` read):
     audios      float32 (N_audio, T_max)  zero-padded waveforms, in placeholder order (batch-major)
@@ -43,11 +47,12 @@ DEFAULT_MAX_NEW_TOKENS = 128
 # ----------------------------------------------------------------------------------------------
 
 
-def load_tokenizer(pretrained_llm: str, audio_locator_tag: str) -> Any:
-    """AutoTokenizer with the audio placeholder added as a single special token."""
+def load_tokenizer(source: str, audio_locator_tag: str) -> Any:
+    """AutoTokenizer (from `ModelConfig.tokenizer_source`) with the audio placeholder added as one special token,
+    which gets NeMo's id (the first free one) when the tokenizer does not have it yet."""
     from transformers import AddedToken, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(pretrained_llm)
+    tokenizer = AutoTokenizer.from_pretrained(source)
     if audio_locator_tag not in tokenizer.get_vocab():
         tokenizer.add_tokens([AddedToken(audio_locator_tag, special=True, normalized=False)], special_tokens=True)
     return tokenizer
@@ -204,7 +209,7 @@ class SALMCollator:
         return collator
 
     def _setup(self, model_cfg: ModelConfig, prompt: PromptDefaults) -> None:
-        self.pretrained_llm = model_cfg.pretrained_llm
+        self.tokenizer_source = model_cfg.tokenizer_source
         self.audio_locator_tag = model_cfg.audio_locator_tag
         self.prompt_format = prompt.prompt_format or model_cfg.prompt_format
         check_prompt_format(self.prompt_format)
@@ -223,7 +228,7 @@ class SALMCollator:
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.pretrained_llm, self.audio_locator_tag)
+            self._tokenizer = load_tokenizer(self.tokenizer_source, self.audio_locator_tag)
         return self._tokenizer
 
     def turns(self, text: str) -> list[dict[str, str]]:
@@ -276,14 +281,12 @@ class SALM(nn.Module):
         self.cfg = cfg
         # How `transcribe` prompts by default; set from the training data by whoever loads a trained model.
         self.prompt_defaults = PromptDefaults()
-        self.tokenizer = load_tokenizer(cfg.pretrained_llm, cfg.audio_locator_tag)
+        self.tokenizer = load_tokenizer(cfg.tokenizer_source, cfg.audio_locator_tag)
         self.audio_locator_tag_id = int(self.tokenizer.convert_tokens_to_ids(cfg.audio_locator_tag))
         self.text_pad_id = text_pad_id(self.tokenizer)
         self.stop_token_ids = stop_token_ids(self.tokenizer, cfg.prompt_format)
 
-        llm = load_llm(cfg.pretrained_llm, cfg.pretrained_weights)
-        if llm.get_input_embeddings().num_embeddings < len(self.tokenizer):
-            llm.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+        llm = load_llm(cfg.pretrained_llm, cfg.pretrained_weights)  # not resized for the audio tag (as NeMo)
         self.llm = llm
         # Move the token embedding out of the LLM (NeMo's layout and parameter names).
         self.embed_tokens = llm.get_input_embeddings()
@@ -296,13 +299,22 @@ class SALM(nn.Module):
             cfg.perception, cfg.perception.output_dim or hidden, cfg.pretrained_asr, cfg.pretrained_weights
         )
         self.trainable_summary = setup_trainable_params(self, cfg)
+        if cfg.init_from_checkpoint:
+            from speech_models.pretrained import init_from_checkpoint
+
+            init_from_checkpoint(self, cfg.init_from_checkpoint)
 
     @classmethod
-    def from_pretrained(cls, directory: str, device: str = "cpu") -> SALM:
-        """Load a directory written by `speech_models.pretrained.save_pretrained` (no pretrained sources needed)."""
+    def from_pretrained(cls, directory: str, device: str = "cpu", pretrained_llm: str | None = None) -> SALM:
+        """Load a model directory: a `speechlm export` or a NeMo `save_pretrained` dir (`config.json` +
+        `model.safetensors`, e.g. a released speechlm2 checkpoint), a local path or a hub id.
+
+        `pretrained_llm` replaces a NeMo checkpoint's own (a hub id, usually), which names where the LLM's config
+        and tokenizer come from; its weights are never loaded.
+        """
         from speech_models.pretrained import from_pretrained
 
-        return from_pretrained(directory, expected_class=cls, device=device)
+        return from_pretrained(directory, expected_class=cls, device=device, pretrained_llm=pretrained_llm)
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -331,6 +343,11 @@ class SALM(nn.Module):
     def _tensor(self, value: Any, dtype: torch.dtype) -> torch.Tensor:
         return torch.as_tensor(value).to(device=self.device, dtype=dtype, non_blocking=True)
 
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, L, H); audio placeholders embed as id 0 (NeMo's: the tag has no row of its own,
+        and its positions are replaced by audio frames)."""
+        return self.embed_tokens(input_ids.masked_fill(input_ids == self.audio_locator_tag_id, 0))
+
     def _encode_audio(self, audios: Any, audio_lens: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """-> valid frames of every audio back to back (sum T_k, H), and T_k (K,)."""
         audio = self._tensor(audios, torch.float32)
@@ -351,7 +368,7 @@ class SALM(nn.Module):
         rep_flat, rep_lens = audio if audio is not None else self._encode_audio(batch["audios"], batch["audio_lens"])
         embeds, targets, attention = _splice(
             input_ids,
-            self.embed_tokens(input_ids),  # (B, L, H)
+            self.embed_text(input_ids),  # (B, L, H)
             self.text_pad_id,
             self.audio_locator_tag_id,
             rep_flat,
@@ -409,7 +426,7 @@ class SALM(nn.Module):
 
         prompts = self._tensor(batch["prompt_ids"], torch.long)
         prompt_embeds, _, prompt_attention = _splice(
-            prompts, self.embed_tokens(prompts), self.text_pad_id, self.audio_locator_tag_id, rep_flat, rep_lens, None
+            prompts, self.embed_text(prompts), self.text_pad_id, self.audio_locator_tag_id, rep_flat, rep_lens, None
         )
         if max_new_tokens is None:
             # Cap generation at twice the longest reference answer (plus slack): a random or diverging
@@ -492,7 +509,7 @@ class SALM(nn.Module):
         Returns the new token ids (B, N) (padded with the pad id after a stop token) and their text.
         """
         prompts = self._tensor(prompts, torch.long)
-        embeds = self.embed_tokens(prompts)  # (B, Lp, H)
+        embeds = self.embed_text(prompts)  # (B, Lp, H)
         if audios is not None:
             if audio_lens is None:
                 audio_lens = [np.shape(audios)[-1]] * int(np.shape(audios)[0])

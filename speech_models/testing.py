@@ -170,6 +170,17 @@ TINY_CODECS: dict[str, dict] = {
         decoder_hidden_size=32,
         hop_length=882,
     ),
+    # The codebook layout of the NeMo duplex fixtures' codec (K = 2 codebooks of 16 codes, one per 80 ms at
+    # 22.05 kHz), for loading those checkpoints; the fixtures' codes themselves come from NeMo's codec.
+    "dac_k2": dict(
+        _TINY_DAC,
+        codebook_size=16,
+        sampling_rate=22050,
+        downsampling_ratios=[2, 2, 3, 3, 7, 7],
+        upsampling_ratios=[7, 7, 3, 3, 2, 2],
+        decoder_hidden_size=64,  # halved per upsampling stage: 1 channel after the sixth
+        hop_length=1764,
+    ),
     "dac_16k": dict(
         _TINY_DAC,
         sampling_rate=16000,
@@ -304,7 +315,17 @@ def tiny_duplex_model_config(
     )
     decoder = None
     if speech_decoder:
-        decoder = SpeechDecoderConfig(d_model=32, n_layers=2, n_heads=2, d_kv=16, d_ff=64, max_seq_len=512, dropout=0.0)
+        decoder = SpeechDecoderConfig(
+            d_model=32,
+            n_layers=2,
+            sa_n_heads=2,
+            d_ffn=64,
+            kernel_size=3,
+            max_length_causal_mask=512,
+            use_learnable_pos_emb=True,
+            apply_norm_out=True,
+            p_dropout=0.0,
+        )
     return ModelConfig(
         pretrained_llm=str(llm_dir),
         pretrained_audio_codec=str(codec_dir),

@@ -56,13 +56,46 @@ def test_nemo_documentation_blocks_validate_unchanged(model_block: list[str], mo
     assert cfg.data.validation_ds.datasets["val_set_name"].batch_size == 1
 
 
-def test_nemo_released_speech_decoder_keys_are_translated() -> None:
+def test_nemo_documented_speech_decoder_keys_are_translated_to_its_code_keys() -> None:
+    """The schema has the keys NeMo's code takes (the shipped config); NeMo's documentation page lists others."""
     cfg = load_experiment(
         ROOT / "configs" / "s2s_duplex_speech_decoder.yaml",
-        ["~model.speech_decoder.d_ff", "+model.speech_decoder.d_ffn=3072", "+model.speech_decoder.has_xattn=false"],
+        ["~model.speech_decoder.d_ffn", "+model.speech_decoder.d_ff=2048", "+model.speech_decoder.d_kv=64"],
     )
-    assert cfg.cfg.model.speech_decoder.d_ff == 3072
-    assert any("has_xattn" in w for w in cfg.warnings)
+    assert cfg.cfg.model.speech_decoder.d_ffn == 2048
+    assert any("d_ff -> d_ffn" in w for w in cfg.warnings) and any("d_kv" in w for w in cfg.warnings)
+
+
+def test_nemo_options_that_are_not_implemented_are_refused_by_name() -> None:
+    problems = problems_of(
+        ["+model.perception.preprocessor.frame_splicing=3", "model.perception.encoder.use_bias=false"]
+    )
+    assert len(problems) == 1 and "model.perception.preprocessor.frame_splicing: 3 is not supported" in problems[0]
+    problems = problems_of(["model.speech_decoder.has_xattn=true"], ROOT / "configs" / "s2s_duplex_speech_decoder.yaml")
+    assert problems == [
+        "model.speech_decoder.has_xattn: True is not supported (cross-attention is not implemented here); set it "
+        "to False or remove the key"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "base", "model_type"),
+    [
+        ("salm/nemo_salm", "salm.yaml", "salm"),
+        ("salm_lora/nemo_salm", "salm.yaml", "salm"),
+        ("duplex_s2s/nemo_model", "s2s_duplex.yaml", "duplex_s2s"),
+        ("duplex_s2s_speech_decoder/nemo_model", "s2s_duplex_speech_decoder.yaml", "duplex_s2s_speech_decoder"),
+    ],
+)
+def test_a_nemo_checkpoint_config_json_validates_as_it_stands(checkpoint: str, base: str, model_type: str) -> None:
+    """A NeMo save_pretrained config.json, pasted as the model section, validates (hub metadata ignored)."""
+    import json
+
+    nemo_model = json.loads((ROOT / "tests" / "fixtures" / "nemo" / checkpoint / "config.json").read_text())
+    assert nemo_model["model_type"] == "nemo_speechlm" and "_target_" in nemo_model["perception"]["preprocessor"]
+    config = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / base))
+    cfg = experiment_from_dict({**config, "model": nemo_model}, source="config.json").cfg
+    assert cfg.model.resolved_model_type() == model_type and cfg.model.perception.encoder.d_model == 64
 
 
 def test_unknown_key_suggests_the_right_one(capsys: pytest.CaptureFixture[str]) -> None:

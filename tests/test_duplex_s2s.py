@@ -59,7 +59,7 @@ def test_forward_losses_and_weights(assets, batch, model_type):
     out = model(batch)
     assert set(out) == {"loss", "text_loss", "audio_loss", "num_target_tokens"}
     assert all(torch.isfinite(out[k]) for k in ("loss", "text_loss", "audio_loss"))
-    assert int(out["num_target_tokens"]) == 20 + 15
+    assert int(out["num_target_tokens"]) == 19 + 14  # as NeMo: frames - 1 teacher-forced frames per example
     assert out["loss"].requires_grad and not out["text_loss"].requires_grad
 
     for w_text, w_audio in [(1.0, 1.0), (3.0, 4.0), (0.0, 2.5)]:
@@ -75,8 +75,17 @@ def test_build_model_names_parameters_and_checkpoints(assets):
     model = build_model(make_cfg(assets, "duplex_s2s"))  # through the registry, DataConfig defaults
     assert isinstance(model, DuplexS2SModel) and model.num_codebooks == 4 and model.speech_vocab_size == 35
     names = [n for n, _ in model.named_parameters()]
-    for prefix in ("llm.model.layers.", "llm.lm_head.", "embed_tokens.", "perception.encoder.", "audio_codec.model."):
+    # NeMo's names: `llm` is the decoder stack, the LM head and the embedding sit beside it.
+    for prefix in (
+        "llm.layers.",
+        "llm.norm.",
+        "lm_head.",
+        "embed_tokens.",
+        "perception.encoder.",
+        "audio_codec.model.",
+    ):
         assert any(n.startswith(prefix) for n in names), prefix
+    assert not any(n.startswith(("llm.model.", "llm.lm_head.", "llm.embed_tokens.")) for n in names)
     assert [n for n in names if n.startswith("embed_audio_tokens.")] == [
         f"embed_audio_tokens.{k}.weight" for k in range(4)
     ]
@@ -89,8 +98,44 @@ def test_build_model_names_parameters_and_checkpoints(assets):
     decoder_model = build_model(make_cfg(assets, "duplex_s2s_speech_decoder"))
     assert isinstance(decoder_model, DuplexS2SSpeechDecoderModel)
     names = [n for n, _ in decoder_model.named_parameters()]
-    assert any(n.startswith("speech_decoder.layers.") for n in names)
+    for name in (
+        "speech_generation.input_proj.weight",
+        "speech_generation.t5_decoder.layers.0.self_attention.qkv_net.weight",
+        "speech_generation.t5_decoder.layers.1.pos_ff.o_net.conv.weight",
+        "speech_generation.t5_decoder.position_embeddings.weight",
+        "speech_generation.t5_decoder.norm_out.weight",
+        "speech_generation.final_proj.bias",
+        "speech_generation.audio_embeddings.3.weight",
+    ):
+        assert name in names, name
     assert not any(n.startswith(("embed_audio_tokens.", "audio_head.")) for n in names)
+
+
+def test_nemo_freeze_pattern_freezes_the_decoder_stack_only(assets):
+    """NeMo's `^llm\\..+$` freezes the decoder stack (2 layers x 9 tensors + the final norm: 19), not the LM head."""
+    model = make_model(assets, "duplex_s2s", freeze_params=[r"^llm\..+$"])
+    assert model.trainable_summary.frozen_by_pattern == 19
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad and not n.startswith("audio_codec.")}
+    assert len(frozen) == 19 and "llm.norm.weight" in frozen
+    assert model.lm_head.weight.requires_grad and model.embed_tokens.weight.requires_grad
+
+
+def test_teacher_forcing_trains_text_one_frame_ahead_of_the_codes(assets, batch):
+    """NeMo's layout: input frame j holds tokens[j] and codes[j - 1]; its text head learns tokens[j + 1], its audio
+    head codes[j]. So a turn's text BOS is predicted one frame before its speech BOS."""
+    model = make_model(assets, "duplex_s2s").eval()
+    with torch.no_grad():
+        inputs = model.prepare_inputs(batch)
+    tokens = torch.as_tensor(batch["target_tokens"])  # (B, 20): the collator's text channel
+    T = inputs.text_labels.shape[1] + 1
+    assert T == 20  # min(user frames 21, codec frames 20)
+    assert torch.equal(inputs.text_labels, tokens[:, 1:T])
+    bos_frame = int((tokens[0] == model.text_bos_id).nonzero()[0])
+    assert int(inputs.text_labels[0].eq(model.text_bos_id).nonzero()[0]) == bos_frame - 1  # text BOS: one frame early
+    assert (inputs.audio_labels[0, bos_frame] == model.speech_bos_id).all()  # speech BOS at the BOS frame
+    assert (inputs.audio_inputs[:, 0] == model.speech_delay_id).all()
+    assert torch.equal(inputs.audio_inputs[:, 1:], inputs.audio_labels[:, :-1])  # codes[j - 1] in, codes[j] out
+    assert inputs.mask.sum(1).tolist() == [19, 14]
 
 
 def train_steps(model, batch, steps: int, optimizer) -> list[tuple[float, float]]:
@@ -128,15 +173,17 @@ def test_offline_inference_and_validation_step(assets, batch, model_type):
         and len(result["text"]) == 2
         and all(isinstance(t, str) for t in result["text"])
     )
-    assert result["tokens_text"].shape == (2, 20) and result["tokens_audio"].shape == (2, 20, 4)
+    # As NeMo: greedy decoding runs over the whole perception tensor (21 frames for 1.6 s: every STFT frame,
+    # subsampled), and the valid frames of each example are its perception length.
+    assert result["tokens_text"].shape == (2, 21) and result["tokens_audio"].shape == (2, 21, 4)
     assert result["tokens_len"].tolist() == [20, 15]
     # waveform at target_sample_rate, exactly n_frames x frame_length x rate samples per example
-    assert result["audio"].shape == (2, 20 * SAMPLES_PER_FRAME_OUT)
+    assert result["audio"].shape == (2, 21 * SAMPLES_PER_FRAME_OUT)
     assert result["audio_len"].tolist() == [20 * SAMPLES_PER_FRAME_OUT, 15 * SAMPLES_PER_FRAME_OUT]
     assert torch.isfinite(result["audio"]).all()
 
     val = model.validation_step(batch)
-    assert val["num_tokens"] == 35 and 0 <= val["num_correct"] <= 35
+    assert val["num_tokens"] == 33 and 0 <= val["num_correct"] <= 33
     assert np.isfinite(val["loss_sum"]) and val["loss_sum"] > 0
     assert val["references"] == ["the sky is blue", "hello how are you"]
     assert len(val["hypotheses"]) == 2
@@ -168,8 +215,9 @@ def test_speech_decoder_kv_cache_matches_full_sequence():
     steps = [decoder(hidden[:, :4], codes[:, :4], cache)]  # a chunk, then frame by frame
     steps += [decoder(hidden[:, t : t + 1], codes[:, t : t + 1], cache) for t in range(4, 9)]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
-    with pytest.raises(ValueError, match="max_seq_len"):
-        decoder(torch.randn(1, cfg.max_seq_len + 1, 48), torch.zeros(1, cfg.max_seq_len + 1, 3, dtype=torch.long))
+    longest = cfg.max_length_causal_mask
+    with pytest.raises(ValueError, match="max_length_causal_mask"):
+        decoder(torch.randn(1, longest + 1, 48), torch.zeros(1, longest + 1, 3, dtype=torch.long))
 
 
 def test_frame_length_must_match_the_perception_frames(assets):

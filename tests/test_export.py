@@ -169,22 +169,26 @@ def test_duplex_speech_decoder_export_round_trip_and_lora_merge(tmp_path):
         SALM.from_pretrained(plain.out_dir)
 
 
-def test_perception_build_options_of_a_pretrained_asr_survive_export(tmp_path, lora_checkpoint):
-    """A perception taken from a .nemo / Parakeet checkpoint may have no pre-emphasis and no encoder biases;
-    these are not config keys, so the export records them."""
-    from speech_models.perception import AudioPerceptionModule
+def test_perception_options_of_a_pretrained_asr_survive_export(tmp_path, lora_checkpoint):
+    """A perception taken from a .nemo / Parakeet checkpoint may have no pre-emphasis and no encoder biases (NeMo's
+    `preemph` and `use_bias` keys); the exported config keeps them."""
+    import dataclasses
 
     _, llm = lora_checkpoint
+    cfg = tiny_salm_config(llm)
+    perception = dataclasses.replace(
+        cfg.perception,
+        preprocessor=dataclasses.replace(cfg.perception.preprocessor, preemph=None),
+        encoder=dataclasses.replace(cfg.perception.encoder, use_bias=False),
+    )
     torch.manual_seed(0)
-    model = SALM(tiny_salm_config(llm)).eval()
-    model.perception = AudioPerceptionModule(
-        model.perception.cfg, model.perception.proj.out_features, preemph=None, encoder_use_bias=False
-    ).eval()
+    model = SALM(dataclasses.replace(cfg, perception=perception)).eval()
+    assert model.perception.encoder.layers[0].feed_forward1.linear1.bias is None
     out = save_pretrained(model, tmp_path / "export", data=AudioFrames())
     loaded = from_pretrained(out)
     audio = torch.randn(1, 16000) * 0.1
     lens = torch.tensor([16000])
-    assert loaded.perception.preprocessor.preemph is None
+    assert loaded.perception.preprocessor.preemph is None and not loaded.perception.cfg.encoder.use_bias
     assert torch.equal(loaded.perception(audio, lens)[0], model.perception(audio, lens)[0])
 
 

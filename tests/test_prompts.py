@@ -18,9 +18,9 @@ TURNS = [
 EXPECTED = {
     "llama2": [
         ("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi <a> [/INST]", False),
-        (" hello there</s>", True),
+        ("hello there </s>", True),
         ("<s>[INST] More [/INST]", False),
-        (" ok</s>", True),
+        ("ok </s>", True),
     ],
     "llama3": [
         ("<s>", False),
@@ -113,3 +113,32 @@ def test_errors(tokenizer):
 def test_stop_tokens(tokenizer):
     assert stop_token_ids(tokenizer, "llama2") == [tokenizer.eos_token_id]
     assert stop_token_ids(tokenizer, "qwen") == [tokenizer.eos_token_id]  # <|im_end|> is not one token here
+
+
+def llama2_style_tokenizer():
+    """A Llama-2 / TinyLlama tokenizer.json layout (normalizer Prepend('▁') + Replace(' ', '▁'), no pre-tokenizer,
+    BPE with byte fallback), trained offline on a few lines."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import AddedToken, PreTrainedTokenizerFast
+
+    corpus = ["TEST the quick brown fox", "Transcribe: TEST TEST", "[INST] hello [/INST] TEST", "seven happy zebras"]
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=["▁"])
+    backend.train_from_iterator(corpus * 50, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.add_tokens([AddedToken("<|audioplaceholder|>", special=True, normalized=False)], special_tokens=True)
+    return tok
+
+
+def test_llama2_ids_are_nemos():
+    """NeMo 3.0.0's llama2 PromptFormatter, run on this tokenizer (recorded for issue #16), gives these tokens: each
+    turn tokenised on its own, BOS/EOS as ids, the answer as '{answer} ' + EOS."""
+    tok = llama2_style_tokenizer()
+    turns = [{"role": "user", "content": "Transcribe: <|audioplaceholder|>"}, {"role": "assistant", "content": "TEST"}]
+    ids, mask = encode_dialog(turns, tok, "llama2")
+    tokens = tok.convert_ids_to_tokens(ids)
+    nemo = ["<s>", "▁[INST]", "▁Tran", "scr", "ibe", ":", "▁", "<|audioplaceholder|>", "▁", "▁[", "/INST]"]
+    assert tokens == [*nemo, "▁TEST", "▁", "</s>"]
+    assert [t for t, target in zip(tokens, mask, strict=True) if target] == ["▁TEST", "▁", "</s>"]

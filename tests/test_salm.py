@@ -178,7 +178,7 @@ def test_collator_batch_format(cfg, llm_dir):
         n_pad = row.shape[0] - len(ids)
         assert (row[:n_pad] == pad).all() and row[n_pad:].tolist() == ids  # left padding
         assert not row_mask[:n_pad].any() and row_mask[n_pad:].tolist() == mask
-        assert tok.decode(row[row_mask]) == f" {ex['text']}</s>"  # answer + eos, nothing else
+        assert tok.decode(row[row_mask]) == f"{ex['text']} </s>"  # answer + eos, nothing else (NeMo's llama2)
         prompt = encode_dialog(turns[:1], tok, "llama2", add_generation_prompt=True)[0]
         p_row = batch["prompt_ids"][i]
         assert p_row[p_row.shape[0] - len(prompt) :].tolist() == prompt == ids[: mask.index(True)]
@@ -202,7 +202,10 @@ def test_parameter_names_follow_nemo(cfg):
     assert any(n.startswith("llm.model.layers.0.self_attn.q_proj") for n in names)
     assert any(n.startswith("perception.encoder.layers.0.self_attn.linear_q") for n in names)
     assert "perception.proj.weight" in names
-    assert model.embed_tokens.num_embeddings >= len(model.tokenizer)
+    assert "perception.preprocessor.featurizer.fb" in model.state_dict()
+    # As NeMo: the audio tag gets the next free id and the embedding is not resized for it (never embedded).
+    assert model.audio_locator_tag_id == len(model.tokenizer) - 1 == model.embed_tokens.num_embeddings
+    assert model.llm.lm_head.out_features == model.embed_tokens.num_embeddings
     assert model.token_equivalent_duration == pytest.approx(0.08)
 
 
@@ -244,7 +247,7 @@ def test_generate_ids_inside_vocab_with_several_audios_per_example(cfg):
     audio_lens = torch.tensor([8000, 4000, 6000])
     ids, texts = model.generate(prompts, audios, audio_lens, max_new_tokens=6)
     assert ids.dtype == torch.long and ids.shape[0] == 2 and 0 < ids.shape[1] <= 6
-    assert int(ids.min()) >= 0 and int(ids.max()) < len(tok)
+    assert int(ids.min()) >= 0 and int(ids.max()) < model.embed_tokens.num_embeddings  # never the audio tag
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
     with pytest.raises(ValueError, match=r"3 audio placeholders .*but 2 replacements"):
         model.generate(prompts, audios[:2], audio_lens[:2], max_new_tokens=2)

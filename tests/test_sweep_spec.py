@@ -328,7 +328,8 @@ def test_cli_takes_overrides_after_flags_and_names_the_bad_metric(capsys: pytest
         f"model.pretrained_llm={tmp_path / 'llm'}",
         f"model.pretrained_audio_codec={tmp_path / 'codec'}",
     ]
-    assert main(["sweep", path, "--validate", "num_samples=2"]) == 2
+    missing = f"data.train_ds.input_cfg.0.shar_path={tmp_path / 'no_such_shar'}"  # whether or not data/demo exists
+    assert main(["sweep", path, "--validate", "num_samples=2", *paths[1:], missing]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["sweep", path, "--validate", "num_samples=2", *paths]) == 0
     with pytest.raises(SystemExit):

@@ -2,10 +2,11 @@
 
     speechlm eval   MODEL --data SHAR [SHAR ...] [--batch-size N] [--num-workers N]   WER / BLEU / ASR-BLEU, RTF
     speechlm infer  MODEL AUDIO [AUDIO ...] [--prompt TEXT] [--out-dir DIR]          text (+ agent WAV for duplex)
-    speechlm export MODEL --out DIR [--merge-lora] [--register NAME]                 self-contained HF-style dir
+    speechlm export MODEL --out DIR [--format nemo] [--merge-lora] [--register NAME]  self-contained model dir
 
 MODEL is a `step=...` checkpoint directory, a run directory (its best checkpoint by exp_manager's monitor,
-or --checkpoint latest), or a directory written by `speechlm export`.
+or --checkpoint latest), a directory written by `speechlm export`, or a NeMo speechlm2 checkpoint directory
+(`save_pretrained` output: config.json + model.safetensors; a local dir or a hub repo id).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from orchestrator.redaction import redact
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="checkpoint dir (step=...), run dir, or exported model dir")
+    parser.add_argument("model", help="checkpoint dir (step=...), run dir, exported model dir, or NeMo checkpoint dir")
     parser.add_argument(
         "--checkpoint",
         choices=("best", "latest"),
@@ -31,7 +32,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override the checkpoint's saved config, e.g. --set model.pretrained_llm=/models/llm (repeatable)",
+        help="override the checkpoint's saved config, e.g. --set model.pretrained_llm=/models/llm (repeatable; "
+        "for a NeMo checkpoint that names its LLM by hub id)",
     )
 
 
@@ -115,6 +117,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         result = export_model(
             args.model,
             args.out,
+            export_format=args.format,
             merge_lora=args.merge_lora,
             which=args.checkpoint,
             overrides=args.overrides,
@@ -129,14 +132,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ExportCheckError as exc:
         print(f"export check failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"exported {result.model_class} to {result.out_dir}")
+    print(f"exported {result.model_class} to {result.out_dir} ({result.format} format)")
     if result.merged_lora:
         print(f"  LoRA merged; merged vs unmerged logits: max |diff| {result.merge_max_diff:.3g}")
     if result.reload_max_diff is not None:
         print(f"  reloaded export vs checkpoint logits: max |diff| {result.reload_max_diff:.3g}")
     if result.registered:
         print(f"  registered in MLflow as {result.registered} ({redact(result.tracking_uri or '')})")
-    print(f"  load it with: {result.model_class}.from_pretrained({result.out_dir!r})")
+    print(f"  load it with: {result.model_class}.from_pretrained({result.out_dir!r})", end="")
+    print("  (here, or in NeMo 3.0's speechlm2)" if result.format == "nemo" else "")
     return EXIT_OK
 
 
@@ -185,9 +189,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     inf.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     inf.set_defaults(func=cmd_infer)
 
-    ex = sub.add_parser("export", help="write a self-contained Hugging Face-style model directory")
+    ex = sub.add_parser("export", help="write a self-contained model directory (this project's or NeMo's format)")
     _add_model_arguments(ex)
     ex.add_argument("--out", required=True, help="new (or empty) output directory")
+    ex.add_argument(
+        "--format",
+        choices=("speechlm", "nemo"),
+        default="speechlm",
+        help="speechlm: this project's format; nemo: NeMo speechlm2's save_pretrained layout, which NeMo 3.0's "
+        "SALM.from_pretrained loads (SALM only: NeMo's duplex models need NeMo's own codec)",
+    )
     ex.add_argument("--merge-lora", action="store_true", help="merge LoRA adapters into the LLM (checks logits)")
     ex.add_argument("--no-verify", action="store_true", help="skip reloading the export to compare its logits")
     ex.add_argument("--atol", type=float, default=1e-4, help="logit check: absolute tolerance")

@@ -15,6 +15,8 @@ from orchestrator.config.targets import (
     LR_SCHEDULERS,
     OPTIMIZERS,
     PERCEPTION_MODULES,
+    PREPROCESSORS,
+    SPEC_AUGMENTS,
     SPEECH_DECODERS,
     argument_problems,
     construction_problems,
@@ -22,7 +24,7 @@ from orchestrator.config.targets import (
 )
 from orchestrator.storage.paths import too_broad_problem
 from orchestrator.storage.run_dirs import run_dir
-from speech_models.config import ConformerConfig
+from speech_models.config import ConformerConfig, unsupported_options
 from speech_models.registry import entry_for, model_types
 from speech_models.typed_data import did_you_mean
 
@@ -142,6 +144,13 @@ def _check_model(cfg: ExperimentConfig, problems: list[str]) -> None:
     problems.extend(target_problems or construction_problems(m.optimizer, m.lr_scheduler))
     if problem := target_problem(m.perception.target, PERCEPTION_MODULES, "perception module"):
         problems.append(f"model.perception.target: {problem}")
+    for key, part, allowed, what in (
+        ("preprocessor", m.perception.preprocessor, PREPROCESSORS, "preprocessor"),
+        ("spec_augment", m.perception.spec_augment, SPEC_AUGMENTS, "SpecAugment module"),
+    ):
+        if part is not None and part._target_ is not None and (problem := target_problem(part._target_, allowed, what)):
+            problems.append(f"model.perception.{key}._target_: {problem}")
+    problems += unsupported_options(m)
     _check_conformer(m.perception.encoder, "model.perception.encoder", problems)
     if m.perception.modality_adapter is not None:
         _check_conformer(m.perception.modality_adapter, "model.perception.modality_adapter", problems)
@@ -158,8 +167,11 @@ def _check_conformer(enc: ConformerConfig, path: str, problems: list[str]) -> No
         problems.append(f"{path}._target_: {problem}")
     if enc.d_model % enc.n_heads:
         problems.append(f"{path}.d_model: {enc.d_model} is not divisible by n_heads ({enc.n_heads})")
-    if len(enc.att_context_size) != 2:
-        problems.append(f"{path}.att_context_size: {enc.att_context_size} must be [left, right]")
+    contexts = enc.att_context_size if enc.att_context_size and isinstance(enc.att_context_size[0], list) else None
+    if any(len(pair) != 2 for pair in contexts or [enc.att_context_size]):
+        problems.append(
+            f"{path}.att_context_size: {enc.att_context_size} must be [left, right] (or NeMo's list of such pairs)"
+        )
     context = enc.conv_context_size
     if isinstance(context, list) and (len(context) != 2 or sum(context) + 1 != enc.conv_kernel_size):
         problems.append(

@@ -10,26 +10,19 @@ from typing import Any
 
 from orchestrator.config.targets import LIGHTNING_STRATEGIES
 
-# NeMo's released s2s_duplex_speech_decoder.yaml uses a different key set than its documentation page.
-SPEECH_DECODER_ALIASES = {
-    "d_ffn": "d_ff",
-    "sa_n_heads": "n_heads",
-    "p_dropout": "dropout",
-    "max_length_causal_mask": "max_seq_len",
+# NeMo's documentation page lists a speech-decoder key set that NeMo's code does not take; the schema has the
+# code's keys (NeMo's released s2s_duplex_speech_decoder.yaml), so the documented spellings are translated.
+SPEECH_DECODER_DOC_ALIASES = {
+    "d_ff": "d_ffn",
+    "n_heads": "sa_n_heads",
+    "max_seq_len": "max_length_causal_mask",
+    "dropout": "p_dropout",
 }
-SPEECH_DECODER_IGNORED = {
-    "kernel_size",
-    "p_dropout_out",
-    "has_xattn",
-    "xa_d_memory",
-    "xa_n_heads",
-    "is_causal",
-    "apply_norm_to_cond",
-    "apply_norm_out",
-    "cond_on_prev_audio_tokens",
-    "detach_input",
-    "use_learnable_pos_emb",
-}
+# Documented keys with no counterpart in NeMo's decoder: its head width is d_model / sa_n_heads, its LayerNorms
+# use eps 1e-5, its activation is GELU (tanh) and it initialises with std 0.02.
+SPEECH_DECODER_DOC_IGNORED = {"d_kv", "layernorm_epsilon", "activation_function", "init_method_std"}
+# Another name NeMo gives init_from_checkpoint (it loads the whole model the same way).
+INIT_ALIASES = {"pretrained_s2s_model": "init_from_checkpoint"}
 
 
 def apply_nemo_compat(raw: dict[str, Any], problems: list[str], warnings: list[str]) -> dict[str, Any]:
@@ -39,8 +32,10 @@ def apply_nemo_compat(raw: dict[str, Any], problems: list[str], warnings: list[s
         trainer["strategy"] = _translate_strategy(trainer["strategy"], problems, warnings)
 
     model = raw.get("model")
-    if isinstance(model, dict) and isinstance(model.get("speech_decoder"), dict):
-        model["speech_decoder"] = _translate_speech_decoder(model["speech_decoder"], warnings)
+    if isinstance(model, dict):
+        raw["model"] = model = _translate_model(model, problems, warnings)
+        if isinstance(model.get("speech_decoder"), dict):
+            model["speech_decoder"] = _translate_speech_decoder(model["speech_decoder"], warnings)
 
     data = raw.get("data")
     if isinstance(data, dict) and isinstance(data.get("validation_ds"), dict):
@@ -71,16 +66,44 @@ def _translate_strategy(spec: dict[str, Any], problems: list[str], warnings: lis
     return LIGHTNING_STRATEGIES[target]
 
 
+def _translate_model(model: dict[str, Any], problems: list[str], warnings: list[str]) -> dict[str, Any]:
+    """A NeMo model section, e.g. a NeMo checkpoint's config.json pasted as `model:` (hub metadata dropped)."""
+    from speech_models.nemo_format import drop_hub_metadata
+
+    model = drop_hub_metadata(model)
+    for old, new in INIT_ALIASES.items():
+        if old in model:
+            if model.get(new) is not None:
+                problems.append(f"model.{old}: give either {old} or {new}, not both")
+            else:
+                warnings.append(f"model.{old}: read as model.{new} (NeMo loads both the same way)")
+                model[new] = model.pop(old)
+    if model.pop("pretrained_perception_from_s2s", None) is not None:
+        problems.append(
+            "model.pretrained_perception_from_s2s: loading only the perception weights of another model is not "
+            "supported; use model.init_from_checkpoint (all matching weights) and freeze_params"
+        )
+    return model
+
+
 def _translate_speech_decoder(spec: dict[str, Any], warnings: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    ignored = []
+    ignored, renamed = [], []
     for key, value in spec.items():
-        if key in SPEECH_DECODER_IGNORED:
+        if key in SPEECH_DECODER_DOC_IGNORED:
             ignored.append(key)
+        elif key in SPEECH_DECODER_DOC_ALIASES:
+            renamed.append(f"{key} -> {SPEECH_DECODER_DOC_ALIASES[key]}")
+            out[SPEECH_DECODER_DOC_ALIASES[key]] = value
         else:
-            out[SPEECH_DECODER_ALIASES.get(key, key)] = value
+            out[key] = value
+    if renamed:
+        warnings.append(f"model.speech_decoder: NeMo's documented keys read as its code's: {', '.join(renamed)}")
     if ignored:
-        warnings.append(f"model.speech_decoder: NeMo-specific keys {sorted(ignored)} are ignored by this decoder")
+        warnings.append(
+            f"model.speech_decoder: documented keys {sorted(ignored)} have no counterpart in NeMo's decoder (head "
+            "width d_model / sa_n_heads, LayerNorm eps 1e-5, GELU-tanh, init std 0.02) and are ignored"
+        )
     return out
 
 

@@ -24,6 +24,14 @@ NEMO_TARGETS: dict[str, str] = {
     "nemo.collections.speechlm2.modules.perception.AudioPerceptionModule": (
         "speech_models.perception.AudioPerceptionModule"
     ),
+    "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor": (
+        "speech_models.perception.AudioToMelSpectrogramPreprocessor"
+    ),
+    "nemo.collections.asr.modules.audio_preprocessing.AudioToMelSpectrogramPreprocessor": (
+        "speech_models.perception.AudioToMelSpectrogramPreprocessor"
+    ),
+    "nemo.collections.asr.modules.SpectrogramAugmentation": "speech_models.perception.SpecAugment",
+    "nemo.collections.asr.modules.audio_preprocessing.SpectrogramAugmentation": "speech_models.perception.SpecAugment",
     "nemo.collections.asr.modules.ConformerEncoder": "speech_models.perception.ConformerEncoder",
     "nemo.collections.asr.modules.conformer_encoder.ConformerEncoder": "speech_models.perception.ConformerEncoder",
     "nemo.collections.speechlm2.modules.speech_generation.TransformerARSpeechDecoder": (
@@ -84,9 +92,13 @@ LR_SCHEDULERS: tuple[str, ...] = tuple(
 )
 # Model parts: the config names the class for NeMo compatibility; the model builds exactly this one.
 PERCEPTION_MODULES: tuple[str, ...] = ("speech_models.perception.AudioPerceptionModule",)
+PREPROCESSORS: tuple[str, ...] = ("speech_models.perception.AudioToMelSpectrogramPreprocessor",)
+SPEC_AUGMENTS: tuple[str, ...] = ("speech_models.perception.SpecAugment",)
 ENCODERS: tuple[str, ...] = ("speech_models.perception.ConformerEncoder",)
 SPEECH_DECODERS: tuple[str, ...] = ("speech_models.duplex_s2s_speech_decoder.TransformerARSpeechDecoder",)
-ALLOWED_TARGETS: tuple[str, ...] = OPTIMIZERS + LR_SCHEDULERS + PERCEPTION_MODULES + ENCODERS + SPEECH_DECODERS
+ALLOWED_TARGETS: tuple[str, ...] = (
+    OPTIMIZERS + LR_SCHEDULERS + PERCEPTION_MODULES + PREPROCESSORS + SPEC_AUGMENTS + ENCODERS + SPEECH_DECODERS
+)
 
 
 def canonical_target(target: str) -> str:

@@ -1,7 +1,9 @@
-"""`speechlm export`: a checkpoint -> a self-contained Hugging Face-style directory (`speech_models.pretrained`).
+"""`speechlm export`: a checkpoint -> a self-contained model directory, in this project's format
+(`speech_models.pretrained`) or in NeMo's (`--format nemo`, `speech_models.nemo_format`: what NeMo 3.0's
+`SALM.from_pretrained` loads).
 
     checkpoint (or run dir) -> model in fp32 -> [--merge-lora: merge adapters, check logits on a probe batch]
-    -> save_pretrained(DIR) -> reload DIR with from_pretrained, check its logits again -> [--register: MLflow]
+    -> write DIR -> reload DIR with from_pretrained, check its logits again -> [--register: MLflow]
 
 DIR is written aside (`storage.atomic`) and appears only once complete and checked: a crash or a failed check
 leaves no export that looks usable.
@@ -17,6 +19,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -29,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
+ExportFormat = Literal["speechlm", "nemo"]
 
 
 class ExportCheckError(RuntimeError):
@@ -39,6 +43,7 @@ class ExportCheckError(RuntimeError):
 class ExportResult:
     out_dir: str
     model_class: str  # e.g. SALM: load the export with <model_class>.from_pretrained(out_dir)
+    format: str  # "speechlm" or "nemo"
     merged_lora: bool
     merge_max_diff: float | None  # max |logit| difference, merged vs unmerged LoRA
     reload_max_diff: float | None  # max |logit| difference, reloaded export vs the model that was saved
@@ -78,6 +83,7 @@ def export_model(
     model: str | ModelSource,
     out_dir: str | Path,
     *,
+    export_format: ExportFormat = "speechlm",
     merge_lora: bool = False,
     which: str = "best",
     overrides: Sequence[str] = (),
@@ -87,8 +93,9 @@ def export_model(
     register: str | None = None,
     tracking_uri: str | None = None,
 ) -> ExportResult:
-    """Write the model of a checkpoint (or a run dir's best / latest one) as a self-contained directory."""
-    from speech_models import pretrained
+    """Write the model of a checkpoint (or a run dir's best / latest one, an export, a NeMo dir) as a
+    self-contained directory in `export_format`."""
+    from speech_models import nemo_format, pretrained
 
     source = model if isinstance(model, ModelSource) else resolve_source(model, which, overrides)
     out = Path(out_dir)
@@ -106,7 +113,13 @@ def export_model(
         merge_diff = compare_logits(before, net.probe_logits(probe), atol, rtol, "merged vs unmerged LoRA")
     reload_diff = None
     with atomic_dir(out) as building:  # appears as `out` only once written and checked
-        pretrained.save_pretrained(net, building, prompt=source.prompt, data=source.frames)
+        try:
+            if export_format == "nemo":
+                nemo_format.write_nemo_dir(net, building)
+            else:
+                pretrained.save_pretrained(net, building, prompt=source.prompt, data=source.frames)
+        except ValueError as exc:  # a model NeMo's format cannot hold (duplex): say why, nothing written
+            raise SourceError(f"--format {export_format}: {exc}") from None
         if verify:
             reloaded = pretrained.from_pretrained(building)
             reload_diff = compare_logits(
@@ -116,7 +129,7 @@ def export_model(
                 rtol,
                 f"export {out} reloaded vs saved model",
             )
-    result = ExportResult(str(out), type(net).__name__, merged, merge_diff, reload_diff)
+    result = ExportResult(str(out), type(net).__name__, export_format, merged, merge_diff, reload_diff)
     if register:
         result.tracking_uri, result.registered = register_model(source, out, register, tracking_uri)
     return result

@@ -1,4 +1,5 @@
-"""Trained models outside training: find them (checkpoint, run dir or exported dir) and load them.
+"""Trained models outside training: find them (checkpoint, run dir, exported dir or NeMo checkpoint dir) and
+load them.
 
 `speechlm eval`, `speechlm infer` and `speechlm export` all start here:
 
@@ -8,12 +9,15 @@
                               its autocast context
 
 A checkpoint keeps only trainable weights, so loading one rebuilds the frozen parts from the `pretrained_*`
-sources named in its config.yaml; an exported directory needs none of them.
+sources named in its config.yaml; an exported directory needs none of them. A NeMo speechlm2 `save_pretrained`
+directory (`speech_models.nemo_format`) holds every weight too, but names its LLM (config and tokenizer) by
+`pretrained_llm`, usually a hub id: `--set model.pretrained_llm=/local/dir` points it elsewhere.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,8 +52,8 @@ class SourceError(ValueError):
 class ModelSource:
     """A trained model, described without loading it."""
 
-    kind: Literal["checkpoint", "export"]
-    path: str  # a step=... checkpoint dir (local or URL) or an exported dir
+    kind: Literal["checkpoint", "export", "nemo"]
+    path: str  # a step=... checkpoint dir (local or URL), an exported dir or a NeMo save_pretrained dir
     model_cfg: ModelConfig
     data_cfg: DataConfig
     prompt: PromptDefaults
@@ -130,28 +134,77 @@ def _pick_checkpoint(run_dir: str, which: Which, overrides: Sequence[str]) -> Mo
     return _checkpoint_source(best, overrides, run_dir)
 
 
-def resolve_source(path: str, which: Which = "best", overrides: Sequence[str] = ()) -> ModelSource:
-    """A checkpoint dir, a run dir (its best or latest checkpoint by exp_manager's monitor), or an exported dir.
+def _data_config(frames: AudioFrames) -> DataConfig:
+    return DataConfig(
+        frame_length=frames.frame_length,
+        source_sample_rate=frames.source_sample_rate,
+        target_sample_rate=frames.target_sample_rate,
+    )
 
-    `overrides` (key=value, checkpoints only) change the saved config, e.g. model.pretrained_llm=/new/path
-    when the checkpoint moved to a machine where the pretrained sources live elsewhere.
+
+def _nemo_source(path: str, overrides: Sequence[str]) -> ModelSource:
+    """A NeMo save_pretrained dir; `overrides` may change `model.*` keys (e.g. model.pretrained_llm=/local/llm)."""
+    from omegaconf import OmegaConf
+
+    from orchestrator.config.overrides import OverrideError, apply_overrides
+    from speech_models.nemo_format import read_nemo_dir
+    from speech_models.typed_data import build
+
+    if bad := [o for o in overrides if not o.lstrip("+~").startswith("model.")]:
+        raise SourceError(f"{path} is a NeMo checkpoint: only model.* keys can be overridden, not {bad}")
+    named = {o.split("=", 1)[0].lstrip("+"): o.split("=", 1)[1] for o in overrides if "=" in o}
+    try:
+        checkpoint = read_nemo_dir(
+            path,
+            pretrained_llm=named.get("model.pretrained_llm"),
+            pretrained_audio_codec=named.get("model.pretrained_audio_codec"),
+        )
+        raw = OmegaConf.create({"model": dataclasses.asdict(checkpoint.model)})
+        apply_overrides(raw, list(overrides))
+    except (OSError, ValueError, OverrideError) as exc:
+        raise SourceError(str(exc)) from None
+    problems: list[str] = []
+    model_cfg = build(ModelConfig, OmegaConf.to_container(raw)["model"], "model", problems)
+    if problems:
+        raise SourceError(f"{path}: " + "; ".join(problems))
+    for note in checkpoint.notes:
+        logger.info("%s: %s", path, note)
+    return ModelSource("nemo", path, model_cfg, _data_config(checkpoint.frames), PromptDefaults())
+
+
+def _local_model_dir(path: str) -> str:
+    """`path` as an absolute local directory; a hub repo id ('org/name') is downloaded first."""
+    if Path(path).exists():
+        return str(Path(path).resolve())
+    if path.count("/") == 1 and not path.startswith((".", "/")):
+        from speech_models.pretrained import resolve_model_dir
+
+        try:
+            return str(resolve_model_dir(path))
+        except FileNotFoundError as exc:
+            raise SourceError(str(exc)) from None
+    raise SourceError(f"{path}: no such file or directory")
+
+
+def resolve_source(path: str, which: Which = "best", overrides: Sequence[str] = ()) -> ModelSource:
+    """A checkpoint dir, a run dir (its best or latest checkpoint by exp_manager's monitor), an exported dir, or
+    a NeMo speechlm2 checkpoint dir (local, or a hub repo id such as a released speechlm2 model).
+
+    `overrides` (key=value) change the saved config, e.g. model.pretrained_llm=/new/path when the checkpoint moved
+    to a machine where the pretrained sources live elsewhere, or a NeMo checkpoint names its LLM by hub id.
     """
+    from speech_models.nemo_format import is_nemo_dir
+
     path = str(path)
     if not is_url(path):
-        if not Path(path).exists():
-            raise SourceError(f"{path}: no such file or directory")
-        path = str(Path(path).resolve())
+        path = _local_model_dir(path)
         if is_exported_dir(path):
             if overrides:
                 raise SourceError(f"{path} is an exported model; overrides only apply to checkpoints")
             exported = read_exported_config(path)
-            frames = exported.data
-            data_cfg = DataConfig(
-                frame_length=frames.frame_length,
-                source_sample_rate=frames.source_sample_rate,
-                target_sample_rate=frames.target_sample_rate,
-            )
-            return ModelSource("export", path, exported.model, data_cfg, exported.prompt)
+            return ModelSource("export", path, exported.model, _data_config(exported.data), exported.prompt)
+        if is_nemo_dir(path):
+            return _nemo_source(path, overrides)
     if checkpoints.is_checkpoint(path):
         return _checkpoint_source(path, overrides, None)
     return _pick_checkpoint(path, which, overrides)
@@ -176,6 +229,15 @@ def load_model(
         from speech_models.pretrained import from_pretrained
 
         return from_pretrained(source.path, device=device), contextlib.nullcontext
+    if source.kind == "nemo":
+        from speech_models.nemo_format import load_nemo_weights
+
+        model = source.entry.build(source.model_cfg, source.data_cfg)
+        try:
+            load_nemo_weights(model, source.path, source.entry.name)
+        except ValueError as exc:
+            raise SourceError(str(exc)) from None
+        return model.to(device).eval(), contextlib.nullcontext
     with checkpoints.local_copy(source.path) as local:
         # The training loop seeds before building, so weights that are neither pretrained nor trainable (e.g.
         # a frozen random-init module) come out the same here, where the checkpoint does not hold them.

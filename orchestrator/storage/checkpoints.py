@@ -13,7 +13,8 @@ A run directory holds one checkpoint directory per validation; a checkpoint dire
 A checkpoint is complete once `complete.json` exists and its files have the sizes it lists: listing, resuming
 and loading skip or refuse anything else, so a checkpoint interrupted mid-write (a driver killed with -9, a node
 lost during the upload) is never taken for the latest one. Checkpoints written before the marker existed
-(`format_version` 1) count as complete when they have `state.json`. Every file is read without unpickling
+(`format_version` 1) count as complete when they have `state.json` (and are refused when loaded: their tensor
+names predate NeMo's). Every file is read without unpickling
 code (`torch.load(weights_only=True)`, safetensors). Checkpoints may live on local disk or object storage (read
 through the same pyarrow filesystem Ray Train writes with).
 """
@@ -39,8 +40,12 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from orchestrator.storage import filesystems
 from orchestrator.storage.paths import is_url, join
 
-FORMAT_VERSION = 2  # 2: completeness is `complete.json`; 1 (still read): complete once state.json exists
-READABLE_FORMATS = (1, 2)
+# 2: completeness is `complete.json`, and the models' tensors carry NeMo's parameter and buffer names
+# (perception.preprocessor.featurizer.*, duplex llm.layers.* / lm_head.*, NeMo's speech decoder as
+# speech_generation.*). A version-1 checkpoint (complete once state.json exists) is still listed, but its tensors
+# do not fit today's models: loading it says so.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (FORMAT_VERSION,)
 WEIGHTS_FILE = "weights.safetensors"
 TRAINER_STATE_FILE = "trainer_state.pt"
 STATE_FILE = "state.json"
@@ -359,8 +364,13 @@ def read_saved_state(path: str) -> dict[str, Any]:
         state = json.loads(filesystems.read_text(state_path))
     except ValueError as exc:
         raise CheckpointError(f"{state_path} is not valid JSON ({exc}); the checkpoint is damaged") from None
-    if not isinstance(state, dict) or state.get("format_version") not in READABLE_FORMATS:
-        version = state.get("format_version") if isinstance(state, dict) else None
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if version == 1:
+        raise CheckpointError(
+            f"{path}: checkpoint format 1 was written before the models took NeMo's parameter names. Export it with "
+            "the version that trained it (`speechlm export`), or train again"
+        )
+    if version not in READABLE_FORMATS:
         raise CheckpointError(f"{path}: checkpoint format {version} is not one of {READABLE_FORMATS}")
     return state
 

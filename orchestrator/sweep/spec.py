@@ -567,6 +567,8 @@ PBT_FIXED_BY_CHECKPOINT = (
     "model.perception",
     "model.speech_decoder",
     "model.pretrained_",
+    "model.init_from_checkpoint",  # the source of the weights a checkpoint does not hold (frozen ones)
+    "model.tokenizer_path",
     "model.model_type",
 )
 
