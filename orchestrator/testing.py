@@ -101,8 +101,9 @@ def cut_counter_entry(control_dir: str | Path, slots: int = 4096):
 
     The counts live in a float64 buffer, `times_trained[<number at the end of the cut id> % slots]`, so they are
     saved with every checkpoint and rolled back with the weights when a run resumes from one: the last
-    checkpoint's buffer is exactly what the surviving training history consumed. DDP ranks count their own
-    batches and checkpoints average floating buffers over ranks, so multiply by the world size.
+    checkpoint's buffer is exactly what the surviving training history consumed. Checkpoints average floating
+    buffers over DDP ranks, so each rank counts a cut `world size` times: the average is the sum over ranks,
+    also across resumes with another number of workers.
 
     Pausing: training forward number N (counted per process) of a rank that finds `<control_dir>/pause_at_<N>`
     renames it to `paused_<pid>` (one rank wins) and sleeps, so a test can kill that worker or its driver at a
@@ -145,8 +146,9 @@ def cut_counter_entry(control_dir: str | Path, slots: int = 4096):
                     pass
                 else:
                     time.sleep(3600)
+            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
             for cut_id in batch["ids"]:
-                self.times_trained[int(cut_id.rsplit("-", 1)[1]) % slots] += 1
+                self.times_trained[int(cut_id.rsplit("-", 1)[1]) % slots] += world
             loss = self.head(batch["x"]).pow(2).mean()
             return {"loss": loss, "num_target_tokens": torch.tensor(len(batch["ids"]))}
 
