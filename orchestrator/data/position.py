@@ -195,7 +195,8 @@ class ConsumedBatches:
             if end is not None:
                 segment.end = end
             segment.corrupt_items.update(corrupt_items)
-        self._forget_finished_epochs()
+        if finished_epochs or (segment is not None and segment.complete()):
+            self._forget_finished_epochs()
 
     def add_position(self, position: DataPosition) -> None:
         if not self.fingerprint:
