@@ -13,6 +13,7 @@ import tarfile
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from orchestrator.data.datasets import SplitDataConfig, build_datasets, ray_data
 from orchestrator.data.plan import TRAIN, plan_dataset
 from orchestrator.data.position import DataPosition, merge_positions
 from orchestrator.data.read_task import run_read_task
+from orchestrator.data.resume_board import ResumeBoard
 from orchestrator.data.shar import CorruptShardError, SharLayoutError, discover_dir, discover_shards, read_shard
 from orchestrator.data.stream import BatchStream, iterate_batches
 from orchestrator.demo.synthetic_shar import corrupt_shard, write_synthetic_shar
@@ -344,6 +346,18 @@ def test_changed_data_restarts_the_open_epoch_only(asr_dir):
     more, _ = train_ranks(resumed, world=2, steps=None)
     assert sorted(cut for e, cut in more) == sorted(_accepted_ids(asr_dir))  # epoch 1 again, from its start
     assert all(e == 1 for e, _ in more)
+
+
+def test_a_resume_board_hands_read_tasks_the_restored_position_as_their_plan_can_use_it(asr_dir):
+    cfg = data_cfg(asr_dir, num_workers=2)
+    plan = plan_dataset(TRAIN, cfg.train_ds, cfg, pad_audio_collator, epochs=2)
+    board = ResumeBoard(plan)  # as the Ray actor does, in-process
+    assert board.read() is None  # nothing published: read tasks go by the plan's own start
+    _, position = train_ranks(plan, world=2, steps=3)
+    assert board.publish(position) == position == board.read()
+    fresh = board.publish(None)  # a worker group that restored no checkpoint
+    assert (fresh.epoch, fresh.segments, fresh.fingerprint) == (0, (), plan.fingerprint)
+    assert board.publish(replace(position, fingerprint="other data")).segments == ()
 
 
 def test_batches_never_mix_epochs(asr_dir):
