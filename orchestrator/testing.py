@@ -94,3 +94,67 @@ def pad_audio_collator(examples: list[dict[str, Any]]) -> dict[str, Any]:
             target[row, : len(e["target_audio"])] = e["target_audio"]
         batch["target_audio"], batch["target_audio_lens"] = target, tlens
     return batch
+
+
+def cut_counter_entry(control_dir: str | Path, slots: int = 4096):
+    """A toy model entry (`model_type: cut_counter`) that counts how often each cut was trained on, for
+    exactly-once checks of the data pipeline through real runs, restarts and resumes.
+
+    The counts live in a float64 buffer, `times_trained[<number at the end of the cut id> % slots]`, so they are
+    saved with every checkpoint and rolled back with the weights when a run resumes from one: the last
+    checkpoint's buffer is exactly what the surviving training history consumed. Checkpoints average floating
+    buffers over DDP ranks, so each rank counts a cut `world size` times: the average is the sum over ranks,
+    also across resumes with another number of workers.
+
+    Pausing: training forward number N (counted per process) of a rank that finds `<control_dir>/pause_at_<N>`
+    renames it to `paused_<pid>` (one rank wins) and sleeps, so a test can kill that worker or its driver at a
+    chosen step. The classes are defined here, per call, so Ray pickles them by value with `control_dir`.
+    """
+    import os
+    import time
+
+    import torch
+    from torch import nn
+
+    from speech_models.config import PromptDefaults
+    from speech_models.registry import LOSS, ModelEntry
+
+    control = Path(control_dir)
+
+    class CutIdCollator:
+        def __init__(self, model_cfg, data_cfg, dataset_cfg):
+            pass
+
+        def __call__(self, examples):
+            return {"x": np.ones((len(examples), 1), np.float32), "ids": [e["id"] for e in examples]}
+
+        def prompt_defaults(self):
+            return PromptDefaults()
+
+    class CutCounter(nn.Module):
+        def __init__(self, cfg, data_cfg=None):
+            super().__init__()
+            self.cfg, self.head, self.forwards = cfg, nn.Linear(1, 1), 0
+            self.register_buffer("times_trained", torch.zeros(slots, dtype=torch.float64))
+
+        def forward(self, batch):
+            self.forwards += 1
+            pause = control / f"pause_at_{self.forwards}"
+            if pause.exists():
+                try:
+                    pause.rename(control / f"paused_{os.getpid()}")
+                except FileNotFoundError:  # another rank took it
+                    pass
+                else:
+                    time.sleep(3600)
+            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+            for cut_id in batch["ids"]:
+                self.times_trained[int(cut_id.rsplit("-", 1)[1]) % slots] += world
+            loss = self.head(batch["x"]).pow(2).mean()
+            return {"loss": loss, "num_target_tokens": torch.tensor(len(batch["ids"]))}
+
+        def validation_step(self, batch):
+            loss = self.head(batch["x"]).pow(2).sum()
+            return {"loss_sum": float(loss), "num_tokens": len(batch["ids"])}
+
+    return ModelEntry("cut_counter", model=CutCounter, collator=CutIdCollator, metrics=(LOSS,))

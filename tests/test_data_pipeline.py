@@ -1,16 +1,19 @@
-"""Shar -> Ray Data batches: shard discovery, filtering and counters, corrupt data, S2S sample rates, resume
-positions, equal step counts across ranks and exactly-once validation."""
+"""Shar -> Ray Data batches: shard discovery, filtering and counters, corrupt data, S2S sample rates, exact resume
+(every batch once across resumes, other world sizes and num_workers), equal step counts across ranks and
+exactly-once validation."""
 
 from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
 import shutil
 import tarfile
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ from orchestrator.data.datasets import SplitDataConfig, build_datasets, ray_data
 from orchestrator.data.plan import TRAIN, plan_dataset
 from orchestrator.data.position import DataPosition, merge_positions
 from orchestrator.data.read_task import run_read_task
+from orchestrator.data.resume_board import ResumeBoard
 from orchestrator.data.shar import CorruptShardError, SharLayoutError, discover_dir, discover_shards, read_shard
 from orchestrator.data.stream import BatchStream, iterate_batches
 from orchestrator.demo.synthetic_shar import corrupt_shard, write_synthetic_shar
@@ -90,8 +94,9 @@ def read_interleaved(plan) -> list:
     """Rows as Ray Data would deliver them: the tasks of a group run side by side (round robin here)."""
     rows, task = [], 0
     while task < plan.num_tasks:
-        group = plan.group_of(task)
-        running = [run_read_task(plan, t) for t in range(group.first_task, group.first_task + group.num_tasks)]
+        first = plan.tasks[task].first_epoch
+        group = [t for t in range(task, plan.num_tasks) if plan.tasks[t].first_epoch == first]
+        running = [run_read_task(plan, t) for t in group]
         while running:
             for gen in list(running):
                 row = next(gen, None)
@@ -99,7 +104,7 @@ def read_interleaved(plan) -> list:
                     running.remove(gen)
                 else:
                     rows.append(row)
-        task = group.first_task + group.num_tasks
+        task = group[-1] + 1
     return rows
 
 
@@ -160,7 +165,7 @@ def test_epoch_order_is_seeded_per_epoch_and_tasks_cover_every_item_once(asr_dir
     items = sorted(i for t in range(plan.num_tasks) for i in plan.task_items(t))
     assert items == list(range(4 * len(SHARD_SIZES)))
     unbounded = plan_dataset(TRAIN, cfg.train_ds, cfg, pad_audio_collator, epochs=None)
-    assert unbounded.num_tasks <= 256 and unbounded.end_item >= 1000 * len(SHARD_SIZES)
+    assert unbounded.num_tasks <= 256 and unbounded.end_epoch >= 1000
 
 
 # ---------------------------------------------------------------------------------------------- read tasks
@@ -252,42 +257,121 @@ def test_batchless_task_reports_its_counts_on_a_marker_row(tmp_path, asr_dir):
     assert seen["corrupt_shards"] + stream.pending["corrupt_shards"] == 1
 
 
-def test_resume_position_skips_consumed_shards_only(asr_dir):
+def train_ranks(plan, world: int, steps: int | None, rows=None) -> tuple[list[tuple[int, str]], DataPosition]:
+    """Train `world` ranks for `steps` steps each (None: to the end) on a plan's rows, dealt round robin as the
+    equal split would; rows dealt but not consumed are lost with the worker group, like prefetched batches.
+    Returns the (epoch, cut id) pairs consumed and the merged position a checkpoint would hold."""
+    rows = read_interleaved(plan) if rows is None else rows
+    ranks = [BatchStream(rows[r::world], start=plan.resume) for r in range(world)]
+    consumed = []
+    for stream in ranks:
+        for _, meta in itertools.islice(stream, steps):
+            consumed += [(meta.epoch, cut) for cut in meta.ids]
+    return consumed, merge_positions([r.position for r in ranks])
+
+
+def resumed_plan(cfg, position, epochs, collate=pad_audio_collator):
+    position = DataPosition.from_dict(json.loads(json.dumps(position.to_dict())))  # as a checkpoint stores it
+    return plan_dataset(TRAIN, cfg.train_ds, cfg, collate, epochs=epochs, start_position=position)
+
+
+def test_a_resumed_stream_trains_every_cut_of_every_epoch_exactly_once(tmp_path, asr_dir):
+    """Stop with batches in flight, resume with another world size and another num_workers, twice."""
+    broken = damaged_copy(asr_dir, tmp_path / "shar", (1, "recording"))  # a corrupt audio tar: a replay must know
+    cfg = data_cfg(broken, batch_size=None, batch_duration=4.0, use_bucketing=True, num_buckets=3, num_workers=2)
+    first = plan_dataset(TRAIN, cfg.train_ds, cfg, pad_audio_collator, epochs=6)
+    consumed, position = train_ranks(first, world=2, steps=9)
+    assert position.epoch == 1 and position.segments, "the test should stop inside the second epoch"
+
+    cfg.train_ds.num_workers = 3  # an open epoch keeps its 2 lanes (one lane may run epochs ahead); later ones get 3
+    collate = RecordingCollator()
+    second = resumed_plan(cfg, position, epochs=6, collate=collate)
+    assert second.tasks[0].lanes == 2 and second.tasks[-1].lanes == 3
+    rows = read_interleaved(second)
+    # A replay re-forms consumed batches from manifests: only the batches it emits are decoded and collated.
+    emitted = Counter(cut for _, meta in BatchStream(rows) for cut in meta.ids)
+    assert Counter(e["id"] for e in collate.examples) == emitted
+    more, position = train_ranks(second, world=3, steps=4, rows=rows)
+    consumed += more
+
+    more, final = train_ranks(resumed_plan(cfg, position, epochs=6), world=1, steps=None)
+    consumed += more
+    good = _accepted_ids(asr_dir) - {c.id for c in read_shard(discover_dir(str(asr_dir))[1])}
+    for epoch in range(6):
+        ids = [cut for e, cut in consumed if e == epoch]
+        assert sorted(ids) == sorted(good), f"epoch {epoch}: lost {good - set(ids)}, doubled {len(ids) - len(set(ids))}"
+    assert final.epoch == 6 and not final.segments
+
+
+def test_a_batch_that_decodes_to_nothing_still_completes_its_segment(tmp_path, asr_dir):
+    broken = damaged_copy(asr_dir, tmp_path / "shar")
+    tar_path = broken / "recording.000001.tar"
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(tar_path, "w") as tar:
+        for member, data in members:
+            data = b"not audio" if member.name.endswith(".flac") else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    cfg = data_cfg(broken, batch_size=1, num_workers=1)
+    plan = plan_dataset(TRAIN, cfg.train_ds, cfg, pad_audio_collator, epochs=1)
+    consumed, position = train_ranks(plan, world=1, steps=None)
+    assert position.epoch == 1 and not position.segments, "batches without a row must not hold the epoch open"
+    consumed, position = train_ranks(plan, world=1, steps=5)
+    more, _ = train_ranks(resumed_plan(cfg, position, epochs=1), world=2, steps=None)
+    ids = [cut for _, cut in consumed + more]
+    undecodable = {c.id for c in read_shard(discover_dir(str(asr_dir))[1])}
+    assert sorted(ids) == sorted(_accepted_ids(asr_dir) - undecodable)
+
+
+def test_a_position_stays_small_and_survives_a_checkpoint(asr_dir):
     cfg = data_cfg(asr_dir, num_workers=2)
-    plan = plan_dataset(TRAIN, cfg.train_ds, cfg, pad_audio_collator, epochs=3)
-    rows = read_interleaved(plan)
-    # Two ranks take alternate rows, as streaming_split would.
-    ranks = [BatchStream(rows[0::2]), BatchStream(rows[1::2])]
-    metas = [list(m for _, m in r) for r in ranks]
-    steps = min(map(len, metas)) // 2
-    position = merge_positions([metas[0][steps].position, metas[1][steps].position])
-    assert len(SHARD_SIZES) <= position.item < 3 * len(SHARD_SIZES)  # moved past epoch 0, not past the end
-    # One rank's own view never runs ahead of the merged one (it may lag: it vouches only for the tasks whose
-    # rows it saw, and with a single group of tasks that can be none of the other task's items).
-    alone = metas[0][steps].position
-    assert alone.item <= position.item
-    later = metas[0][steps + 1 :] + metas[1][steps + 1 :]
-    assert all(m.first_item >= position.item for m in later)  # nothing left unconsumed gets skipped
+    plan = plan_dataset(TRAIN, cfg.train_ds, cfg, pad_audio_collator, epochs=4)
+    _, position = train_ranks(plan, world=2, steps=20)
+    assert 1 <= position.epoch < 4
+    assert {s.epoch for s in position.segments} <= {position.epoch, position.epoch + 1}
+    # Two ranks take alternate batches, yet the union is a few ranges per segment (the ones in flight are holes).
+    assert all(len(s.consumed) <= 3 for s in position.segments)
     assert DataPosition.from_dict(json.loads(json.dumps(position.to_dict()))) == position
 
-    resumed = plan_dataset(TRAIN, cfg.train_ds, cfg, pad_audio_collator, epochs=3, start_position=position)
-    assert resumed.start_item == position.item
-    first = next(iter(BatchStream(run_read_task(resumed, 0))))[1]
-    assert first.first_item >= position.item and first.epoch == position.epoch
+
+def test_changed_data_restarts_the_open_epoch_only(asr_dir):
+    cfg = data_cfg(asr_dir, num_workers=2)
+    plan = plan_dataset(TRAIN, cfg.train_ds, cfg, pad_audio_collator, epochs=2)
+    _, position = train_ranks(plan, world=2, steps=8)
+    assert position.epoch == 1
+    cfg.train_ds.batch_size = 2  # other batches: batch numbers no longer name the same cuts
+    resumed = resumed_plan(cfg, position, epochs=2)
+    assert resumed.start_epoch == 1 and not resumed.resume.segments
+    more, _ = train_ranks(resumed, world=2, steps=None)
+    assert sorted(cut for e, cut in more) == sorted(_accepted_ids(asr_dir))  # epoch 1 again, from its start
+    assert all(e == 1 for e, _ in more)
 
 
-def test_a_task_spanning_epochs_keeps_its_resume_position_within_an_epoch(asr_dir):
-    """Buckets that never fill (a huge batch_duration) must not hold a multi-epoch task's resume position back
-    by more than an epoch: the task flushes cuts that have waited an epoch."""
+def test_a_resume_board_hands_read_tasks_the_restored_position_as_their_plan_can_use_it(asr_dir):
+    cfg = data_cfg(asr_dir, num_workers=2)
+    plan = plan_dataset(TRAIN, cfg.train_ds, cfg, pad_audio_collator, epochs=2)
+    board = ResumeBoard(plan)  # as the Ray actor does, in-process
+    assert board.read() is None  # nothing published: read tasks go by the plan's own start
+    _, position = train_ranks(plan, world=2, steps=3)
+    assert board.publish(position) == position == board.read()
+    fresh = board.publish(None)  # a worker group that restored no checkpoint
+    assert (fresh.epoch, fresh.segments, fresh.fingerprint) == (0, (), plan.fingerprint)
+    assert board.publish(replace(position, fingerprint="other data")).segments == ()
+
+
+def test_batches_never_mix_epochs(asr_dir):
+    """Buckets that never fill (a huge batch_duration) are flushed at the end of every epoch: a batch's number
+    in its epoch's lane is all a resume needs, and a resume never re-reads an earlier epoch."""
     cfg = data_cfg(asr_dir, batch_size=None, batch_duration=200.0, use_bucketing=True, num_buckets=4)
     cfg.train_ds.bucket_buffer_size = 1000
     plan = plan_dataset(TRAIN, cfg.train_ds, cfg, pad_audio_collator, epochs=3)
     assert plan.num_tasks == 1  # one task reads all three epochs
-    epoch = len(SHARD_SIZES)
-    metas = [meta for _, meta in BatchStream(read_all(plan))]
-    assert all(m.item - m.first_item < epoch for m in metas), "a batch mixes cuts more than an epoch apart"
-    assert all(m.item - m.position.item < epoch for m in metas), "the resume position lags by an epoch or more"
-    assert metas[-1].position.item == 3 * epoch
+    per_epoch: dict[int, list[str]] = {}
+    for _, meta in BatchStream(read_all(plan)):
+        per_epoch.setdefault(meta.epoch, []).extend(meta.ids)
+    assert sorted(per_epoch) == [0, 1, 2]
+    assert all(sorted(ids) == sorted(_accepted_ids(asr_dir)) for ids in per_epoch.values())
 
 
 # ---------------------------------------------------------------------------------------------- Ray Data

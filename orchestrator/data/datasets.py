@@ -2,12 +2,15 @@
 
 One dataset = one plan (`orchestrator.data.plan`) read by groups of read tasks (`orchestrator.data.read_task`),
 one row per batch. The training set is split with `streaming_split(equal=True)` so every rank gets the same
-number of batches; validation sets with `equal=False` so each batch goes to exactly one rank.
+number of batches; validation sets with `equal=False` so each batch goes to exactly one rank. A training set built
+with a resume board (`orchestrator.data.resume_board`) has its read tasks skip what the checkpoint restored by
+the current worker group had consumed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +21,7 @@ from ray.train import DataConfig
 from orchestrator.data.plan import TRAIN, VAL_PREFIX, DatasetPlan, plan_dataset, validation_sets
 from orchestrator.data.position import DataPosition
 from orchestrator.data.read_task import run_read_task
+from orchestrator.data.resume_board import create_board, restored_position
 from orchestrator.data.torn_imports import retire_process_if_imports_are_torn
 
 if TYPE_CHECKING:
@@ -33,14 +37,16 @@ def _read_task_entry(plan_ref: Any, task_index: int) -> Iterator[pa.Table]:
     # Before anything else: a process poisoned by an earlier cancelled task would fail to unpickle the plan
     # on every retry (see torn_imports.py).
     retire_process_if_imports_are_torn(f"read task {task_index}")
-    return run_read_task(ray.get(plan_ref), task_index)
+    plan = ray.get(plan_ref)
+    return run_read_task(plan, task_index, start=restored_position(plan.resume_board))
 
 
 class SharBatchDatasource(Datasource):
     """Groups of read tasks over a dataset's work items; see the module docstring."""
 
-    def __init__(self, plan: DatasetPlan) -> None:
+    def __init__(self, plan: DatasetPlan, board: Any = None) -> None:
         self.plan = plan
+        self.board = board  # the resume board's handle: it keeps the actor alive as long as the dataset
 
     def get_name(self) -> str:
         return f"SharBatches[{self.plan.name}]"
@@ -62,12 +68,14 @@ def build_dataset(plan: DatasetPlan, *, cpus_per_task: float = 1.0) -> ray.data.
     """The Ray Data dataset of one plan: one row per batch, `plan.concurrency` read tasks at a time.
 
     Ray Data starts read tasks in order, so work items are read roughly in order whatever the number of
-    tasks the cluster can run at once, and no task waits for another to finish.
+    tasks the cluster can run at once, and no task waits for another to finish. A plan with a `resume_board`
+    name gets that board started here.
     """
     import ray.data
 
+    board = create_board(plan.resume_board, plan) if plan.resume_board else None
     ds = ray.data.read_datasource(
-        SharBatchDatasource(plan),
+        SharBatchDatasource(plan, board),
         override_num_blocks=max(1, plan.num_tasks),
         concurrency=plan.concurrency,
         num_cpus=cpus_per_task,
@@ -88,25 +96,25 @@ def build_datasets(
     max_epochs: int | None = None,
     cpus_per_task: float = 1.0,
     val_cpus_per_task: float = 0.0,
+    resume_board: str | None = None,
 ) -> dict[str, ray.data.Dataset]:
     """{"train": ..., "val_<name>": ...} Ray Data datasets for a TorchTrainer; pass ray_data_config(...) too.
 
     collate_val_by_name: one collator per validation set name (keys with or without the "val_" prefix), or
     one collator for all; None uses collate_train. max_epochs None streams until the loop stops.
+    start_position: what the checkpoint this run resumes had consumed of the training set.
+    resume_board: a name from `resume_board.new_board_name`: the training set's read tasks then follow the
+    position that the Train workers publish under it after restoring a checkpoint (worker group restarts).
     cpus_per_task: CPUs each training read task reserves (fractional values share cores with Train workers).
     val_cpus_per_task: the same for validation read tasks. 0 by default on purpose: validation runs while the
     training stream is paused, and its read tasks, blocked on a full buffer, still hold their CPUs; had
     validation to reserve CPUs too, a small cluster could deadlock (validation waits for CPUs that paused
     training tasks never give back). Paused tasks use no CPU time, so validation borrows their cores.
     """
-    datasets = {
-        TRAIN: build_dataset(
-            plan_dataset(
-                TRAIN, data_cfg.train_ds, data_cfg, collate_train, epochs=max_epochs, start_position=start_position
-            ),
-            cpus_per_task=cpus_per_task,
-        )
-    }
+    train = plan_dataset(
+        TRAIN, data_cfg.train_ds, data_cfg, collate_train, epochs=max_epochs, start_position=start_position
+    )
+    datasets = {TRAIN: build_dataset(replace(train, resume_board=resume_board), cpus_per_task=cpus_per_task)}
     for name, cfg in validation_sets(data_cfg).items():
         if collate_val_by_name is None:
             collate = collate_train

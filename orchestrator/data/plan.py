@@ -1,19 +1,30 @@
 """The plan of one dataset: every shard, in which order, filtered and batched how; built once on the driver.
 
-Work items: item `g` is shard `order(epoch)[g % S]` of epoch `g // S` (S shards per epoch); `order(epoch)` is
-shuffled from the shard seed + epoch, so it is reproducible. The training dataset is one stream of items over
-`max_epochs` epochs (UNBOUNDED_EPOCHS when None: the loop stops at max_steps). Items are cut into groups of
-`num_workers` read tasks; inside a group, task k reads every num_workers-th item from the k-th, so the tasks
-of a group, which Ray Data runs side by side, read the items roughly in order. A group spans whole epochs and
-at least MIN_GROUP_ITEMS items, so tasks are long-lived (starting a task costs Ray Data tens of milliseconds,
-a second concurrent one about a second). Validation datasets are one epoch, unshuffled: every cut is emitted
-exactly once.
+Epochs and lanes: epoch e reads every shard once, in `epoch_order(e)` (shuffled from the shard seed + e, so it is
+reproducible). The epoch is split into `lanes` (the dataset's num_workers, at most one per shard): lane k reads
+the shards at positions k, k + lanes, ... of the order. One lane of one epoch is a *segment*: its cuts are bucketed
+from empty buckets, which are flushed at the end of the epoch, so a segment always makes the same batches (a batch
+never mixes epochs) and a batch is known by (epoch, lane, number) (`orchestrator.data.position`). Work item
+`epoch * shards_per_epoch + position` numbers a shard read (it seeds the shuffle of the shard's cuts).
 
-The plan is pickled once (`ray.put`) and read by every read task (`orchestrator.data.read_task`).
+Read tasks: the training dataset is one stream of `max_epochs` epochs (UNBOUNDED_EPOCHS when None: the loop
+stops at max_steps). Epochs are cut into groups of whole epochs; a group has one read task per lane, which reads
+that lane's segments epoch after epoch, so the tasks of a group, which Ray Data runs side by side, read the
+shards roughly in order. A group spans at least MIN_GROUP_ITEMS work items, so tasks are long-lived (starting a
+task costs Ray Data tens of milliseconds, a second concurrent one about a second). Validation datasets are one
+epoch, unshuffled: every cut is emitted exactly once.
+
+Resuming: `plan_dataset` starts at the first epoch a checkpoint's position has not consumed whole; an epoch that was
+partly consumed keeps the lanes it was read with (a changed num_workers applies from the next epoch), so its
+batches keep their numbers and read tasks skip the consumed ones (`orchestrator.data.read_task`).
+
+The plan is pickled once (`ray.put`) and read by every read task.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import random
@@ -23,7 +34,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.data.bucketing import BatchingSpec, estimate_duration_bins
-from orchestrator.data.position import DataPosition, TaskGroup
+from orchestrator.data.position import DataPosition, reconcile
 from orchestrator.data.shar import Shard, discover_shards, read_manifest
 from orchestrator.storage import filesystems
 
@@ -39,12 +50,26 @@ _BIN_ESTIMATE_MAX_SHARDS = 16  # manifests read on the driver to estimate bucket
 # max_epochs=None: the training stream is this many epochs long (the loop stops at max_steps long before).
 UNBOUNDED_EPOCHS = 1000
 # Ray Data puts every read task in the object store up front (about 1 ms each): a long stream is cut into at
-# most this many tasks, each covering more shards.
+# most about this many tasks, each covering more epochs.
 MAX_READ_TASKS = 256
 # A group of read tasks spans at least this many work items, in whole epochs. Every group starts new tasks and
 # Ray Data adds a second concurrent task only about a second after the first, so one-epoch groups of a small
 # dataset (tasks of well under a second) left the stream slower than lhotse's own reader (bench/README.md).
 MIN_GROUP_ITEMS = 64
+
+
+@dataclass(frozen=True)
+class ReadTaskSpec:
+    """One read task: lane `lane` of `lanes` in each epoch of [first_epoch, end_epoch)."""
+
+    first_epoch: int
+    end_epoch: int  # exclusive
+    lane: int
+    lanes: int
+
+    @property
+    def epochs(self) -> range:
+        return range(self.first_epoch, self.end_epoch)
 
 
 @dataclass(frozen=True)
@@ -72,41 +97,36 @@ class DatasetPlan:
     max_duration: float = math.inf
     skip_corrupt: bool = True
     concurrency: int = 1  # read tasks in flight (dataset num_workers)
-    group_items: int = 1  # work items per group of `concurrency` read tasks
-    start_item: int = 0
-    end_item: int = 1  # exclusive
+    start_epoch: int = 0
+    end_epoch: int = 1  # exclusive
+    tasks: tuple[ReadTaskSpec, ...] = (ReadTaskSpec(0, 1, 0, 1),)
     equal_split: bool = True  # split with equal=True: no marker rows
     # fsspec kwargs per protocol (custom S3 endpoint, credentials), resolved from the driver's env: read tasks
     # may run in processes or on nodes without that env (filesystems.fsspec_options).
     storage_options: Mapping[str, Mapping[str, Any]] | None = None
+    fingerprint: str = ""  # what a segment's batches depend on besides its lanes (see `fingerprint_of`)
+    resume: DataPosition | None = None  # what the checkpoint this run starts from had consumed
+    # The named actor through which a restarted Train worker group tells read tasks what its checkpoint had
+    # consumed (`orchestrator.data.resume_board`); None: read tasks go by `resume`.
+    resume_board: str | None = None
 
     @property
     def shards_per_epoch(self) -> int:
         return sum(len(i.shards) for i in self.inputs)
 
     @property
-    def tasks_per_group(self) -> int:
-        return max(1, min(self.concurrency, self.group_items))
-
-    @property
     def num_tasks(self) -> int:
-        total = max(0, self.end_item - self.start_item)
-        full, rest = divmod(total, self.group_items)
-        # At least one (then empty) task: Ray Data handles a task without output better than no task at all.
-        return max(1, full * self.tasks_per_group + min(self.tasks_per_group, rest))
+        return len(self.tasks)
 
-    def group_of(self, task_index: int) -> TaskGroup:
-        """The group of read tasks that `task_index` belongs to."""
-        g = task_index // self.tasks_per_group
-        start = self.start_item + g * self.group_items
-        end = max(start, min(self.end_item, start + self.group_items))
-        first = g * self.tasks_per_group
-        return TaskGroup(g, start, end, first, max(1, min(self.tasks_per_group, end - start)))
+    def segment_items(self, epoch: int, lane: int, lanes: int) -> range:
+        """The work items of lane `lane` of `lanes` in epoch `epoch`, in reading order."""
+        first = epoch * self.shards_per_epoch
+        return range(first + lane, first + self.shards_per_epoch, lanes)
 
-    def task_items(self, task_index: int) -> range:
-        """The work items of read task `task_index`: every n-th item of its group, n = tasks in the group."""
-        group = self.group_of(task_index)
-        return range(group.start + task_index - group.first_task, group.end, group.num_tasks)
+    def task_items(self, task_index: int) -> list[int]:
+        """Every work item read task `task_index` reads, in order."""
+        spec = self.tasks[task_index]
+        return [i for e in spec.epochs for i in self.segment_items(e, spec.lane, spec.lanes)]
 
     def epoch_order(self, epoch: int) -> list[tuple[int, int]]:
         """(input index, shard index) in the order epoch `epoch` reads them.
@@ -218,25 +238,27 @@ def plan_dataset(
     if shard_seed == "randomized":
         base_seed = dataset_cfg.seed
     elif shard_seed == "trng":
-        base_seed = secrets.randbits(31)  # not reproducible by definition, also across resumes
+        # Not reproducible by definition, but drawn once per run: a resumed run keeps the checkpoint's seed.
+        saved = start_position.seed if start_position is not None else None
+        base_seed = saved if saved is not None else secrets.randbits(31)
     else:
         base_seed = int(shard_seed)
     shards_per_epoch = sum(len(i.shards) for i in inputs)
-    start = 0
+    fingerprint = fingerprint_of(
+        inputs,
+        batching,
+        shuffle=dataset_cfg.shuffle,
+        base_seed=base_seed,
+        min_duration=dataset_cfg.min_duration,
+        max_duration=dataset_cfg.max_duration,
+    )
+    resume = None
     if start_position is not None:
-        start = start_position.item
-        if start_position.shards_per_epoch not in (0, shards_per_epoch):
-            # The data changed since the checkpoint: keep the epoch, restart it.
-            start = start_position.epoch * shards_per_epoch
-            logger.warning(
-                "[%s] resume position was taken with %d shards per epoch but the data has %d; restarting epoch %d",
-                name,
-                start_position.shards_per_epoch,
-                shards_per_epoch,
-                start_position.epoch,
-            )
+        resume = reconcile(start_position, fingerprint, shards_per_epoch, name)
+        resume = DataPosition(resume.epoch, shards_per_epoch, fingerprint, base_seed, resume.segments)
+    start = resume.epoch if resume is not None else 0
+    end = max(start, epochs or UNBOUNDED_EPOCHS)
     concurrency = max(1, dataset_cfg.num_workers)
-    end = (epochs or UNBOUNDED_EPOCHS) * shards_per_epoch
     return DatasetPlan(
         name=name,
         inputs=tuple(inputs),
@@ -248,17 +270,54 @@ def plan_dataset(
         max_duration=dataset_cfg.max_duration,
         skip_corrupt=dataset_cfg.skip_corrupt,
         concurrency=concurrency,
-        # A group spans whole epochs (each task's bucket buffer spans its share of one), at least MIN_GROUP_ITEMS
-        # items, and more for long streams so that there are at most MAX_READ_TASKS tasks.
-        group_items=max(
-            shards_per_epoch * math.ceil(MIN_GROUP_ITEMS / max(1, shards_per_epoch)),
-            math.ceil((end - start) / max(1, MAX_READ_TASKS // concurrency)),
-        ),
-        start_item=start,
-        end_item=end,
+        start_epoch=start,
+        end_epoch=end,
+        tasks=layout_tasks(start, end, shards_per_epoch, concurrency, resume),
         equal_split=equal_split,
         storage_options=filesystems.fsspec_options(),
+        fingerprint=fingerprint,
+        resume=resume,
     )
+
+
+def fingerprint_of(inputs: Sequence[InputPlan], batching: BatchingSpec, **settings: Any) -> str:
+    """A short hash of everything a segment's batches depend on besides its lanes: the shards (by cuts path) and
+    their mixing weights, the seeds, the filters and the batching."""
+    described = {
+        "inputs": [[inp.weight, [s.cuts for s in inp.shards]] for inp in inputs],
+        "batching": [batching.batch_size, batching.batch_duration, list(batching.duration_bins), batching.buffer_size],
+        **settings,
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def layout_tasks(
+    start: int, end: int, shards_per_epoch: int, concurrency: int, resume: DataPosition | None = None
+) -> tuple[ReadTaskSpec, ...]:
+    """Groups of whole epochs in [start, end), one read task per lane in each.
+
+    A group spans at least MIN_GROUP_ITEMS work items, and more for long streams so that there are about
+    MAX_READ_TASKS tasks at most. An epoch that `resume` saw partly consumed with another number of lanes is a
+    group of its own, read with those lanes.
+    """
+    lanes = max(1, min(concurrency, shards_per_epoch))
+    per_group = max(
+        math.ceil(MIN_GROUP_ITEMS / max(1, shards_per_epoch)),
+        math.ceil((end - start) / max(1, MAX_READ_TASKS // lanes)),
+    )
+    saved = {s.epoch: s.lanes for s in resume.segments} if resume is not None else {}
+    tasks: list[ReadTaskSpec] = []
+    epoch = start
+    while epoch < end:
+        if saved.get(epoch, lanes) != lanes:
+            stop, n = epoch + 1, saved[epoch]
+        else:
+            stop, n = min(end, epoch + per_group), lanes
+            stop = next((e for e in range(epoch + 1, stop) if saved.get(e, lanes) != lanes), stop)
+        tasks += [ReadTaskSpec(epoch, stop, lane, n) for lane in range(n)]
+        epoch = stop
+    # At least one (then empty) task: Ray Data handles a task without output better than no task at all.
+    return tuple(tasks) or (ReadTaskSpec(start, start, 0, 1),)
 
 
 def validation_sets(data_cfg: DataConfig) -> dict[str, DatasetConfig]:

@@ -1,7 +1,8 @@
 """The body of one Ray Data read task: work items in, one row per ready-to-train batch out.
 
-    work items (epoch, shard) -> read the whole shard (cuts manifest + audio tars) -> shuffle its cuts (seeded)
-    -> drop too short / too long / empty-text cuts (counted) -> duration bucketing (bucketing.py)
+    a lane's shards of one epoch (a segment, see `orchestrator.data.plan`) -> read each whole shard (cuts manifest
+    + audio tars) -> shuffle its cuts (seeded) -> drop too short / too long / empty-text cuts (counted)
+    -> duration bucketing (bucketing.py), flushed at the end of the segment
     -> decode + resample the audio of a full bucket -> collator (prompt format, tokenise) -> ONE ROW
 
 Rows: one pyarrow row per batch with two binary cells, the pickled collated batch and a pickled `RowMeta`. One
@@ -14,9 +15,13 @@ ready, so counts that arrive after its last batch still ride on that batch. A ta
 all emits a zero-size marker row instead, only for datasets split with `equal=False` (validation): a marker in
 the equal split would cost one rank a step. For the training stream such counts are logged as a warning.
 
-Resume marks: every row carries its task's low-water mark (`orchestrator.data.position`). A task's bucket buffer
-spans all its shards, but cuts that have waited an epoch are flushed as partial batches, so the resume position
-never lags by more than an epoch.
+Exact resume: a segment's batches are numbered in the order the bucketer forms them, and a row names the batch
+numbers it stands for (`orchestrator.data.position`). Everything that decides a batch's cuts is deterministic:
+the epoch's shard order, the seeded shuffles, the filters and the bucketing read the manifests only; audio that
+fails to decode drops cuts from a formed batch (a batch left without cuts makes no row, and its number rides on
+the segment's next row). A task that resumes a segment re-forms its batches from the manifests alone, up to the
+last consumed one, and decodes and emits only those not consumed; shards found corrupt before that batch was
+formed are named in the position, since telling a corrupt audio tar apart needs the tar itself.
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ import numpy as np
 from orchestrator.data.audio import decode_audio
 from orchestrator.data.bucketing import DurationBucketer
 from orchestrator.data.plan import DatasetPlan, InputPlan
-from orchestrator.data.position import TaskGroup
-from orchestrator.data.shar import CorruptShardError, SharCut, read_shard
+from orchestrator.data.position import DataPosition, SegmentPosition
+from orchestrator.data.shar import CorruptShardError, SharCut, Shard, TarEntry, read_shard
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -67,13 +72,19 @@ class RowMeta:
     task: int  # the read task that made it
     counters: Mapping[str, int] = field(default_factory=dict)  # counted since the task's previous row
     marker: bool = False  # True: no batch, the row only carries counters (validation streams)
-    group: TaskGroup | None = None  # the task's group
-    concurrency: int = 1  # read tasks the dataset runs at once
-    low_water: int = 0  # every work item of the task below this one has been emitted
-    shards_per_epoch: int = 0
     epoch: int = 0
-    item: int = 0  # newest work item with a cut in the batch
-    first_item: int = 0  # oldest work item with a cut in the batch
+    lane: int = 0
+    lanes: int = 1
+    # The row stands for batches first_batch..batch of its segment: earlier ones that made no row (no cut
+    # decoded) ride on it, and the segment's last row stands for the batches after it too.
+    first_batch: int = 0
+    batch: int = 0
+    segment_end: bool = False  # no batch of the segment comes after `batch`
+    finished_epochs: tuple[int, ...] = ()  # earlier segments of this task that ended without a row
+    corrupt_items: tuple[int, ...] = ()  # work items of the segment found corrupt before `batch` was formed
+    shards_per_epoch: int = 0
+    fingerprint: str = ""  # the plan's (see DataPosition)
+    seed: int = 0  # the plan's shard seed
     num_examples: int = 0
     audio_seconds: float = 0.0  # real audio in the batch
     padded_seconds: float = 0.0  # batch size x longest cut (the padded cost)
@@ -131,34 +142,99 @@ class HeldRow:
     meta: RowMeta
 
 
+class _Segment:
+    """One lane of one epoch as a task reads it, with what a restored checkpoint had consumed of it."""
+
+    def __init__(self, epoch: int, lane: int, lanes: int, restored: SegmentPosition | None) -> None:
+        self.epoch, self.lane, self.lanes, self.restored = epoch, lane, lanes, restored
+        self.replay_until = restored.last_consumed if restored is not None else -1
+        self.known_corrupt = set(restored.corrupt_items) if restored is not None else set()
+        self.next_batch = 0  # number of the next batch the bucketer forms
+        self.unreported = 0  # first batch number that no row stands for yet
+        self.made_row = False
+        self.corrupt_items: list[int] = []
+
+    @property
+    def replaying(self) -> bool:
+        """Still re-forming batches that were formed before the checkpoint: manifests are enough."""
+        return self.next_batch <= self.replay_until
+
+
 class _TaskState:
-    """Counters, bucket buffer and the held-back row of one read task."""
+    """Counters, the held-back row, and the audio of cuts read without it, of one read task."""
 
     def __init__(self, plan: DatasetPlan, task_index: int) -> None:
         self.plan, self.task_index = plan, task_index
         self.counters: Counter[str] = Counter()
-        self.bucketer: DurationBucketer[SharCut] = DurationBucketer(plan.batching, lambda c: c.duration)
-        self.buffered_items: Counter[int] = Counter()  # item -> cuts of it waiting in buckets
-        self.reading: int | None = None  # item whose cuts are still being added
-        self.group = plan.group_of(task_index)
-        self.items = plan.task_items(task_index)
-        self.next_unread = self.items.start if len(self.items) else self.group.end
         self.held: HeldRow | None = None
+        self.finished_epochs: list[int] = []  # segments that ended without a row, not yet on a row
+        # Shards read without audio (replaying), their audio once a batch needs it, and their cuts still in buckets.
+        self.shard_of: dict[int, Shard] = {}
+        self.audio: dict[int, dict[str, dict[str, TarEntry]]] = {}
+        self.waiting: Counter[int] = Counter()
 
-    def low_water(self) -> int:
-        """Every item below this one has been fully emitted by this task."""
-        pending = [i for i, n in self.buffered_items.items() if n > 0]
-        if self.reading is not None:
-            pending.append(self.reading)
-        return min(pending, default=self.next_unread)
+    def read_segment(self, segment: _Segment) -> Iterator[pa.Table]:
+        plan = self.plan
+        order = plan.epoch_order(segment.epoch)
+        bucketer: DurationBucketer[SharCut] = DurationBucketer(plan.batching, lambda c: c.duration)
+        for item in plan.segment_items(segment.epoch, segment.lane, segment.lanes):
+            replaying = segment.replaying
+            # Replayed shards were counted before the checkpoint.
+            counters = Counter() if replaying else self.counters
+            input_index, shard_index = order[item % plan.shards_per_epoch]
+            shard = plan.inputs[input_index].shards[shard_index]
+            counters["shards_read"] += 1
+            if replaying and item in segment.known_corrupt:
+                segment.corrupt_items.append(item)
+                continue
+            try:
+                cuts = read_shard(shard, item, plan.storage_options, with_audio=not replaying)
+            except CorruptShardError as exc:
+                if not plan.skip_corrupt:
+                    raise CorruptShardError(
+                        f"[{plan.name}] {exc}; fix or remove the shard, or set skip_corrupt: true to skip and count it"
+                    ) from exc
+                logger.warning("[%s] corrupt shard skipped and counted in corrupt_shards: %s", plan.name, exc)
+                counters["corrupt_shards"] += 1
+                segment.corrupt_items.append(item)
+                continue
+            counters["cuts_read"] += len(cuts)
+            if plan.shuffle:
+                random.Random(plan.base_seed * 1_000_003 + item).shuffle(cuts)
+            cuts = [cut for cut in cuts if _accept(cut, plan, counters)]
+            if replaying and cuts:
+                self.shard_of[item], self.waiting[item] = shard, len(cuts)
+            for cut in cuts:
+                for batch in bucketer.add(cut):
+                    yield from self.batch_formed(segment, batch)
+        for batch in bucketer.flush():
+            yield from self.batch_formed(segment, batch)
+        self.end_segment(segment)
 
-    def make_row(self, cuts: list[SharCut]) -> HeldRow | None:
+    def batch_formed(self, segment: _Segment, cuts: list[SharCut]) -> Iterator[pa.Table]:
+        number = segment.next_batch
+        segment.next_batch += 1
+        if segment.restored is not None and segment.restored.is_consumed(number):
+            if segment.unreported == number:
+                segment.unreported += 1
+            self._release_audio(cuts)
+            return
+        row = self.make_row(segment, cuts, number)
+        if row is not None:
+            if self.held is not None:
+                yield self.release()
+            self.held = row
+
+    def make_row(self, segment: _Segment, cuts: list[SharCut], number: int) -> HeldRow | None:
         plan = self.plan
         examples = []
         for cut in cuts:
-            self.buffered_items[cut.item] -= 1
             try:
+                if cut.item in self.shard_of and not cut.audio:
+                    cut.audio = self._audio_of(cut)
                 examples.append(to_example(cut, plan.inputs[cut.input_index]))
+            except CorruptShardError:
+                raise
             except Exception as exc:  # any decoding failure is an unreadable cut
                 msg = f"cut {cut.id!r} in {cut.shard}: cannot decode its audio ({type(exc).__name__}: {exc})"
                 if not plan.skip_corrupt:
@@ -167,42 +243,74 @@ class _TaskState:
                     ) from exc
                 logger.warning("%s [%s]: skipped; counted in unreadable_cuts", msg, plan.name)
                 self.counters["unreadable_cuts"] += 1
-        self.buffered_items += Counter()  # drop zero entries
+        self._release_audio(cuts)
         if not examples:
             return None
         batch = plan.collate(examples)
         durations = [e["duration"] for e in examples]
-        items = [c.item for c in cuts]
         self.counters["cuts_batched"] += len(examples)
         meta = RowMeta(
             task=self.task_index,
-            group=self.group,
-            concurrency=plan.concurrency,
-            low_water=self.low_water(),
+            epoch=segment.epoch,
+            lane=segment.lane,
+            lanes=segment.lanes,
+            first_batch=segment.unreported,
+            batch=number,
+            finished_epochs=tuple(self.finished_epochs),
+            corrupt_items=tuple(segment.corrupt_items),
             shards_per_epoch=plan.shards_per_epoch,
-            epoch=max(items) // plan.shards_per_epoch,
-            item=max(items),
-            first_item=min(items),
+            fingerprint=plan.fingerprint,
+            seed=plan.base_seed,
             num_examples=len(examples),
             audio_seconds=float(sum(durations)),
             padded_seconds=float(len(durations) * max(durations)),
             ids=tuple(e["id"] for e in examples),
         )
+        self.finished_epochs = []
+        segment.unreported, segment.made_row = number + 1, True
         return HeldRow(pickle.dumps(batch, protocol=5), meta)
 
-    def push(self, row: HeldRow | None) -> Iterator[pa.Table]:
-        """Hold `row` back and release the previous one, carrying the counters gathered so far."""
-        if row is None:
-            return
-        if self.held is not None:
-            yield self.release()
-        self.held = row
+    def _audio_of(self, cut: SharCut) -> dict[str, TarEntry]:
+        """The audio of a cut read without it (a replayed shard), read once per shard when a batch needs it."""
+        if cut.item not in self.audio:
+            try:
+                cuts = read_shard(self.shard_of[cut.item], cut.item, self.plan.storage_options)
+                self.audio[cut.item] = {c.id: c.audio for c in cuts}
+            except CorruptShardError as exc:
+                if not self.plan.skip_corrupt:
+                    raise CorruptShardError(f"[{self.plan.name}] {exc}; fix or remove the shard") from exc
+                logger.warning("[%s] corrupt shard, its cuts are skipped: %s", self.plan.name, exc)
+                self.counters["corrupt_shards"] += 1
+                self.audio[cut.item] = {}
+        return self.audio[cut.item].get(cut.id, {})
 
-    def release(self, last: bool = False) -> pa.Table:
+    def _release_audio(self, cuts: list[SharCut]) -> None:
+        for cut in cuts:
+            if cut.item in self.shard_of:
+                self.waiting[cut.item] -= 1
+                if self.waiting[cut.item] <= 0:
+                    del self.waiting[cut.item], self.shard_of[cut.item]
+                    self.audio.pop(cut.item, None)
+
+    def end_segment(self, segment: _Segment) -> None:
+        """Say on a row that nothing of the segment comes after its last row (or that it made none)."""
+        if segment.made_row:  # the held row is the segment's last: it stands for the batches after it too
+            meta = replace(
+                self.held.meta,
+                batch=segment.next_batch - 1,
+                segment_end=True,
+                corrupt_items=tuple(segment.corrupt_items),
+            )
+            self.held = HeldRow(self.held.batch, meta)
+            return
+        self.finished_epochs.append(segment.epoch)
+        if self.held is not None:
+            meta = replace(self.held.meta, finished_epochs=self.held.meta.finished_epochs + tuple(self.finished_epochs))
+            self.held, self.finished_epochs = HeldRow(self.held.batch, meta), []
+
+    def release(self) -> pa.Table:
         row = self.held
-        # `last`: nothing of this task's items is left behind this row.
-        low_water = self.group.end if last else row.meta.low_water
-        meta = replace(row.meta, counters=dict(self.counters), low_water=low_water)
+        meta = replace(row.meta, counters=dict(self.counters))
         self.counters.clear()
         self.held = None
         return _row(row.batch, meta)
@@ -225,51 +333,34 @@ def _accept(cut: SharCut, plan: DatasetPlan, counters: Counter[str]) -> bool:
     return True
 
 
-def run_read_task(plan: DatasetPlan, task_index: int) -> Iterator[pa.Table]:
-    """Body of one Ray Data read task: read its work items, filter, bucket, collate, yield rows."""
+def run_read_task(plan: DatasetPlan, task_index: int, start: DataPosition | None = None) -> Iterator[pa.Table]:
+    """Body of one Ray Data read task: read its segments, filter, bucket, collate, yield rows.
+
+    start: what the checkpoint being resumed had consumed (None: `plan.resume`); segments it consumed whole are
+    not read, and consumed batches of the others are formed again but not emitted.
+    """
+    start = plan.resume if start is None else start
+    spec = plan.tasks[task_index]
     state = _TaskState(plan, task_index)
-    orders: dict[int, list[tuple[int, int]]] = {}
-    for item in state.items:
-        if item - state.low_water() >= plan.shards_per_epoch:
-            # A task spans several epochs; a bucket that rarely fills must not hold the resume position (the
-            # low-water mark, here the oldest item with a cut still in a bucket) back by more than an epoch:
-            # emit the partial batches.
-            for batch in state.bucketer.flush():
-                yield from state.push(state.make_row(batch))
-        epoch, pos = divmod(item, plan.shards_per_epoch)
-        if epoch not in orders:
-            orders = {epoch: plan.epoch_order(epoch)}
-        input_index, shard_index = orders[epoch][pos]
-        shard = plan.inputs[input_index].shards[shard_index]
-        state.counters["shards_read"] += 1
-        state.next_unread = item + state.items.step if item + state.items.step < state.items.stop else state.group.end
-        try:
-            cuts = read_shard(shard, item, plan.storage_options)
-        except CorruptShardError as exc:
-            if not plan.skip_corrupt:
-                raise CorruptShardError(
-                    f"[{plan.name}] {exc}; fix or remove the shard, or set skip_corrupt: true to skip and count it"
-                ) from exc
-            logger.warning("[%s] corrupt shard skipped and counted in corrupt_shards: %s", plan.name, exc)
-            state.counters["corrupt_shards"] += 1
-            continue
-        state.counters["cuts_read"] += len(cuts)
-        if plan.shuffle:
-            random.Random(plan.base_seed * 1_000_003 + item).shuffle(cuts)
-        state.reading = item
-        for i, cut in enumerate(cuts):
-            if not _accept(cut, plan, state.counters):
+    for epoch in spec.epochs:
+        restored = None
+        if start is not None:
+            if start.is_done(epoch, spec.lane):
                 continue
-            state.buffered_items[item] += 1
-            if i == len(cuts) - 1:
-                state.reading = None
-            for batch in state.bucketer.add(cut):
-                yield from state.push(state.make_row(batch))
-        state.reading = None
-    for batch in state.bucketer.flush():
-        yield from state.push(state.make_row(batch))
+            restored = start.segment(epoch, spec.lane)
+            if restored is not None and restored.lanes != spec.lanes:
+                logger.error(
+                    "[%s] epoch %d was read with %d lanes before the checkpoint but this plan reads it with %d; "
+                    "its consumed batches cannot be told apart and are read again",
+                    plan.name,
+                    epoch,
+                    restored.lanes,
+                    spec.lanes,
+                )
+                restored = None
+        yield from state.read_segment(_Segment(epoch, spec.lane, spec.lanes, restored))
     if state.held is not None:
-        yield state.release(last=True)
+        yield state.release()
     elif any(state.counters.values()):
         if plan.equal_split:
             logger.warning(
@@ -281,5 +372,3 @@ def run_read_task(plan: DatasetPlan, task_index: int) -> Iterator[pa.Table]:
             )
         else:
             yield _row(b"", RowMeta(task=task_index, counters=dict(state.counters), marker=True))
-
-

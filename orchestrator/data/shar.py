@@ -306,19 +306,25 @@ class CorruptShardError(RuntimeError):
 
 
 def read_shard(
-    shard: Shard, item: int = 0, storage_options: Mapping[str, Mapping[str, Any]] | None = None
+    shard: Shard,
+    item: int = 0,
+    storage_options: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    with_audio: bool = True,
 ) -> list[SharCut]:
     """Every cut of `shard` with its encoded audio, or CorruptShardError naming the shard and the cause.
 
     The whole shard is read before any cut is used, so a truncated tar or a garbled manifest skips the shard
     as a unit instead of yielding a prefix of it. storage_options: see DatasetPlan (None: this process's env).
+    with_audio=False reads the cuts manifest only (cuts with empty `audio`), for a resumed read task that only
+    needs durations and texts to rebuild its batches.
     """
     try:
         cuts = read_manifest(shard.cuts, storage_options)
     except Exception as exc:  # gzip, JSON, IO and network errors all mean "corrupt shard"
         raise CorruptShardError(f"{shard.cuts}: cannot read the cuts manifest ({type(exc).__name__}: {exc})") from exc
     fields: dict[str, list[TarEntry]] = {}
-    for name, path in shard.fields.items():
+    for name, path in shard.fields.items() if with_audio else ():
         try:
             fields[name] = list(iter_tar_entries(filesystems.read_bytes(path, storage_options)))
         except Exception as exc:

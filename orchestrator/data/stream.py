@@ -1,4 +1,4 @@
-"""The worker side of a dataset: rows back into batches, with counters and this rank's resume position."""
+"""The worker side of a dataset: rows back into batches, with counters and the batches this rank consumed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.data.position import DataPosition, TaskGroup, resume_item
+from orchestrator.data.position import ConsumedBatches, DataPosition
 from orchestrator.data.read_task import RowMeta, read_row
 
 
@@ -17,9 +17,6 @@ class BatchMeta:
     """What iterate_batches yields next to each batch."""
 
     epoch: int
-    item: int  # newest work item with a cut in this batch
-    first_item: int  # oldest work item with a cut in this batch
-    position: DataPosition  # this rank's resume position after this batch (merge ranks: merge_positions)
     num_examples: int
     audio_seconds: float  # real audio in the batch
     padded_seconds: float  # batch size x longest cut (the padded cost)
@@ -28,48 +25,41 @@ class BatchMeta:
 
 
 class BatchStream:
-    """Iterate a dataset shard as (batch, BatchMeta); keeps running counter totals and the resume position."""
+    """Iterate a dataset shard as (batch, BatchMeta); keeps running counter totals and the consumed batches.
 
-    def __init__(self, shard: Any, prefetch_batches: int = 2) -> None:
+    A batch counts as consumed once it has been handed out, so read `position` between training steps (at a
+    checkpoint): it holds the batches of `start` (what the restored checkpoint had consumed) and those this rank
+    took since; merge the ranks' positions (`merge_positions`) for the whole stream's.
+    """
+
+    def __init__(self, shard: Any, prefetch_batches: int = 2, start: DataPosition | None = None) -> None:
         self.shard = shard
         self.prefetch_batches = prefetch_batches
         self.totals: Counter[str] = Counter()  # every counter this rank received, markers included
         self.pending: Counter[str] = Counter()  # counts from marker rows not yet attached to a batch
-        self._marks: dict[int, int] = {}  # read task -> its latest low-water mark seen here
-        self._groups: dict[int, TaskGroup] = {}  # group index -> group, for groups not wholly consumed
-        self._shards_per_epoch = 0
-        self._item = 0
-        self._newest_task = 0
+        self.consumed = ConsumedBatches(start)
 
     @property
     def position(self) -> DataPosition:
-        """Resume position from this rank's view; merge ranks' positions with merge_positions."""
-        return DataPosition(
-            self._item,
-            self._shards_per_epoch,
-            tuple(sorted(self._marks.items())),
-            tuple(g for _, g in sorted(self._groups.items())),
-        )
+        """What the model has consumed of the stream, as far as this rank knows."""
+        return self.consumed.position()
+
+    def adopt(self, position: DataPosition) -> None:
+        """Add what other ranks consumed (the merged position of a checkpoint), so this rank's record stays dense."""
+        self.consumed.add_position(position)
 
     def _track(self, meta: RowMeta) -> None:
-        task, group = meta.task, meta.group
-        self._shards_per_epoch = meta.shards_per_epoch
-        self._marks[task] = max(meta.low_water, self._marks.get(task, meta.low_water))
-        self._groups[group.index] = group
-        # Ray Data starts read tasks in order, at most `concurrency` at a time: once task T has started, every
-        # task before T - concurrency + 1 has finished, even if this rank never saw its last row.
-        self._newest_task = max(self._newest_task, task)
-        finished_below = self._newest_task - meta.concurrency + 1
-        for g in self._groups.values():
-            for t in range(g.first_task, min(g.first_task + g.num_tasks, finished_below)):
-                self._marks[t] = g.end
-        self._item = resume_item(self._marks, list(self._groups.values()), self._item)
-        # Forget groups that are wholly behind the resume point (keeps the position small on long runs).
-        for index, g in list(self._groups.items()):
-            if g.end <= self._item:
-                del self._groups[index]
-                for t in g.tasks:
-                    self._marks.pop(t, None)
+        if meta.fingerprint != self.consumed.fingerprint:
+            self.consumed.set_stream(meta.shards_per_epoch, meta.fingerprint, meta.seed)
+        self.consumed.add_batches(
+            meta.epoch,
+            meta.lane,
+            meta.lanes,
+            range(meta.first_batch, meta.batch + 1),
+            end=meta.batch + 1 if meta.segment_end else None,
+            corrupt_items=meta.corrupt_items,
+            finished_epochs=meta.finished_epochs,
+        )
 
     def _rows(self) -> Iterator[tuple[Any, RowMeta]]:
         if hasattr(self.shard, "iter_batches"):
@@ -96,9 +86,6 @@ class BatchStream:
                 pickle.loads(batch_buf),
                 BatchMeta(
                     epoch=meta.epoch,
-                    item=meta.item,
-                    first_item=meta.first_item,
-                    position=self.position,
                     num_examples=meta.num_examples,
                     audio_seconds=meta.audio_seconds,
                     padded_seconds=meta.padded_seconds,
@@ -108,6 +95,6 @@ class BatchStream:
             )
 
 
-def iterate_batches(shard: Any, *, prefetch_batches: int = 2) -> BatchStream:
+def iterate_batches(shard: Any, *, prefetch_batches: int = 2, start: DataPosition | None = None) -> BatchStream:
     """`for batch, meta in iterate_batches(ray.train.get_dataset_shard("train"))`: see BatchStream."""
-    return BatchStream(shard, prefetch_batches)
+    return BatchStream(shard, prefetch_batches, start)

@@ -136,7 +136,8 @@ def run_training(
 
     from orchestrator.config.sources import source_problems
     from orchestrator.data.datasets import build_datasets, ray_data_config
-    from orchestrator.data.plan import validation_sets
+    from orchestrator.data.plan import TRAIN, validation_sets
+    from orchestrator.data.resume_board import new_board_name
     from orchestrator.training.loop import LoopSettings, train_loop_per_worker
 
     if problems := source_problems(cfg):  # before a cluster is joined: missing data, no credentials
@@ -161,8 +162,14 @@ def run_training(
     train_collator = entry.build_collator(cfg.model, cfg.data, cfg.data.train_ds)
     val_collators = {n: entry.build_collator(cfg.model, cfg.data, ds) for n, ds in validation_sets(cfg.data).items()}
     start = checkpoints.resume_data_position(resume_from) if resume_from else None
+    board = new_board_name(TRAIN)  # restarted worker groups tell the read tasks what their checkpoint consumed
     datasets = build_datasets(
-        cfg.data, train_collator, val_collators, start_position=start, max_epochs=cfg.trainer.max_epochs
+        cfg.data,
+        train_collator,
+        val_collators,
+        start_position=start,
+        max_epochs=cfg.trainer.max_epochs,
+        resume_board=board,
     )
 
     tracking_uri = run_id = None
@@ -202,6 +209,7 @@ def run_training(
         threads_per_worker=resources.threads_per_worker,
         validation_sets=list(val_collators),
         resume_from=_checkpoint_at(resume_from) if resume_from else None,
+        data_resume_board=board,
     )
     trainer = TorchTrainer(
         train_loop_per_worker,

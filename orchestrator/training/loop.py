@@ -24,14 +24,17 @@ import torch.distributed as dist
 
 from orchestrator.config import ExperimentConfig, to_yaml
 from orchestrator.config.targets import instantiate
+from orchestrator.data.position import DataPosition, merge_positions
 from orchestrator.data.read_task import COUNTER_NAMES
-from orchestrator.data.stream import BatchMeta, iterate_batches
+from orchestrator.data.resume_board import publish_restored_position
+from orchestrator.data.stream import BatchMeta, BatchStream, iterate_batches
 from orchestrator.storage.checkpoints import (
     TrainingState,
     checkpoint_dir_name,
     load_checkpoint,
     newer_checkpoint,
     persist_checkpoint,
+    resume_data_position,
     save_checkpoint,
     unwrap,
 )
@@ -59,6 +62,7 @@ class LoopSettings:
     # The complete checkpoint the driver resumes from (its data position was read from it), as a Ray Checkpoint;
     # Ray Train's own latest checkpoint wins when newer (a worker group restarted within this run).
     resume_from: Any = None
+    data_resume_board: str | None = None  # where ranks publish what their restored checkpoint had consumed
 
 
 # ----------------------------------------------------------------------------------------------- set-up
@@ -138,6 +142,7 @@ class WorkerRun:
     world: int
     metrics_logger: MetricsLogger | None
     autocast: Any  # the precision's autocast context factory
+    stream: BatchStream  # the training batches, with the record of those consumed
 
     @property
     def cfg(self) -> ExperimentConfig:
@@ -166,21 +171,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = wrap_for_distribution(model, cfg.trainer.strategy, device)
     optimizer, scheduler = setup_optimizer(model, cfg)
 
-    state = TrainingState()
+    state, consumed = TrainingState(), None
     checkpoint = newer_checkpoint(ray.train.get_checkpoint(), settings.resume_from)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(Path(directory), model, optimizer, scheduler, rank)
+            consumed = resume_data_position(directory)
         if rank == 0:
             say(f"resumed from checkpoint at step {state.step}")
+    # Before any rank asks for a batch: this worker group's read tasks skip what the checkpoint had consumed.
+    consumed = publish_restored_position(settings.data_resume_board, consumed)
+    stream = iterate_batches(ray.train.get_dataset_shard("train"), start=consumed)
 
     metrics_logger = (
         MetricsLogger(settings.tracking_uri, settings.mlflow_run_id)
         if rank == 0 and settings.tracking_uri and settings.mlflow_run_id
         else None
     )
-    run = WorkerRun(model, optimizer, scheduler, state, settings, rank, world, metrics_logger, autocast)
-    batches = iter(iterate_batches(ray.train.get_dataset_shard("train")))
+    run = WorkerRun(model, optimizer, scheduler, state, settings, rank, world, metrics_logger, autocast, stream)
+    batches = iter(stream)
     max_steps, accumulate = cfg.trainer.max_steps, cfg.trainer.accumulate_grad_batches
     stats = IntervalStats()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -208,7 +217,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.step += 1
         stats.steps += 1
         stats.grad_norm += float(grad_norm)
-        state.data_position = micro_batches[-1][1].position.to_dict()
 
         last_step = state.step >= max_steps
         validate_now = state.step % cfg.trainer.val_check_interval == 0 or last_step
@@ -305,6 +313,20 @@ def average_buffers(model: torch.nn.Module, world: int) -> None:
             buffer.div_(world)
 
 
+def consumed_data_position(stream: BatchStream, world: int) -> DataPosition:
+    """The training batches the model has consumed, over all ranks: the union of their records (a collective).
+
+    Every rank keeps the union, so its record stays a few ranges instead of growing by every world-th batch.
+    """
+    position = stream.position
+    if world > 1:
+        gathered: list[DataPosition | None] = [None] * world
+        dist.all_gather_object(gathered, position)
+        position = merge_positions(gathered)
+        stream.adopt(position)
+    return position
+
+
 def report_validation_and_checkpoint(run: WorkerRun) -> None:
     """Validate every set, log the metrics, and report them to Ray Train together with a checkpoint."""
     cfg, state = run.cfg, run.state
@@ -327,6 +349,7 @@ def report_validation_and_checkpoint(run: WorkerRun) -> None:
     if not cfg.exp_manager.create_checkpoint_callback:
         ray.train.report(metrics)
         return
+    state.data_position = consumed_data_position(run.stream, run.world).to_dict()
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(
             Path(tmp), run.model, run.optimizer, run.scheduler, state, to_yaml(cfg), run.rank == 0, run.rank
