@@ -51,6 +51,7 @@ run_training(load_experiment(config, overrides).cfg)
 def overrides(shar: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
         "model.model_type=cut_counter",
+        f"model.pretrained_llm={shar.parent / 'llm'}",
         f"data.train_ds.input_cfg.0.shar_path={shar}",
         "data.train_ds.batch_size=3",
         "data.train_ds.batch_duration=null",
@@ -106,7 +107,9 @@ def cut_counter(tmp_path):
 
 
 @pytest.fixture
-def shar(tmp_path) -> Path:
+def shar(tmp_path, tiny_demo) -> Path:
+    """The synthetic shards, next to a link to the session's tiny LLM (its tokenizer labels the cuts)."""
+    (tmp_path / "llm").symlink_to(tiny_demo / "llm")
     return write_synthetic_shar(tmp_path / "shar", n_cuts=SHARDS * CUTS_PER_SHARD, n_shards=SHARDS, durations=[1.0])
 
 

@@ -4,7 +4,8 @@ The command runs in a subprocess with its own local Ray (not the session fixture
 setup hook, and Ctrl-C is part of the test. One sweep, run once for the module (trials are the slow part): a
 grid over four optimizer presets on the demo SALM, in trial order
 - fast: learns; finishes;
-- broken: a negative learning rate, so its Train run fails: recorded as failed, and the sweep goes on;
+- broken: `capturable: true`, which AdamW accepts when built (so the spec validates) but refuses at its first
+  step on CPU, so its Train run fails: recorded as failed, and the sweep goes on;
 - frozen: lr 0 keeps the initial loss, the worst at the first validation: ASHA stops it there;
 - fast_wd: like fast; the `speechlm sweep` process is interrupted (SIGINT, as Ctrl-C) after its first
   validation, and `--resume` continues it from its own checkpoint without re-running the others.
@@ -87,7 +88,7 @@ def attempts(sweep_dir: str | Path, trial_id: str) -> list[dict]:
 
 PRESETS = {
     "fast": optimizer(3e-3),
-    "broken": optimizer(-1.0),
+    "broken": {**optimizer(3e-3), "capturable": True},
     "frozen": optimizer(0.0),
     "fast_wd": {**optimizer(3e-3), "weight_decay": 1e-4},
 }
@@ -158,7 +159,7 @@ def test_failing_trial_is_recorded_and_asha_stops_the_weakest(swept):
     sweep_dir, _, _, resumed = swept
     rows = results(sweep_dir)
     assert rows["fast"]["status"] == "finished" and rows["fast"]["last_step"] == "6"
-    assert rows["broken"]["status"] == "failed" and "Invalid learning rate" in rows["broken"]["error"]
+    assert rows["broken"]["status"] == "failed" and "capturable=True" in rows["broken"]["error"]
     # lr 0 keeps the initial loss, worse than every learning trial at the first rung: ASHA stops it there.
     assert rows["frozen"]["status"] == "early_stopped" and rows["frozen"]["last_step"] == "2"
     table = (sweep_dir / "results.md").read_text()
@@ -195,7 +196,7 @@ def test_mlflow_has_one_parent_and_a_child_per_trial_with_status(swept):
     state = {r.data.tags["sweep.model.optimizer"]: r.info.status for r in children}
     assert state["broken"] == "FAILED" and state["fast"] == state["frozen"] == "FINISHED"
     lrs = {r.data.tags["sweep.model.optimizer"]: float(r.data.params["model.optimizer.lr"]) for r in children}
-    assert lrs == {"fast": 3e-3, "broken": -1.0, "frozen": 0.0, "fast_wd": 3e-3}  # swept values are params
+    assert lrs == {"fast": 3e-3, "broken": 3e-3, "frozen": 0.0, "fast_wd": 3e-3}  # swept values are params
     fast = next(r for r in children if r.data.tags["sweep.model.optimizer"] == "fast")
     assert [m.step for m in client.get_metric_history(fast.info.run_id, "val_loss")] == [2, 4, 6]
 
