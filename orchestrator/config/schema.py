@@ -39,6 +39,14 @@ class TrainerConfig:
     gradient_clip_val: float | None = 1.0
     # "ddp" | "fsdp2", or NeMo's {_target_: lightning...DDPStrategy, ...} mapping (translated on load)
     strategy: Strategy = "ddp"
+    # NeMo Automodel's key: recompute each LLM decoder layer, encoder Conformer layer and speech decoder layer in
+    # the backward pass instead of keeping its activations (about a third more compute for those layers, and
+    # activation memory of one layer instead of all; bench/README.md has the figures)
+    activation_checkpointing: bool = False
+    # Elastic training (spot nodes): the run starts with at least min_nodes x devices workers and grows to
+    # num_nodes x devices as nodes come back; a lost node shrinks the worker group instead of stopping the run.
+    # Each resize restarts the workers from the latest checkpoint. None: a fixed num_nodes x devices workers.
+    min_nodes: int | None = None
     cpus_per_worker: float | None = None  # None: 1 with GPUs; on CPU-only Ray, leave CPUs for Ray Data
     seed: int = 42
 

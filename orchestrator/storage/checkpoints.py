@@ -10,6 +10,14 @@ A run directory holds one checkpoint directory per validation; a checkpoint dire
 - `complete.json`: written last, once every rank's files are in place (`persist_checkpoint`); it lists every file
   with its size.
 
+FSDP2 runs write the model and optimizer sharded instead (format 3), through `torch.distributed.checkpoint`
+(DCP): each rank writes its own shards (`__<rank>_0.distcp`) and rank 0 the index (`.metadata`), so no rank
+ever gathers the whole model; `trainer_state.pt` then holds only the LR scheduler. DCP reshards on load: a
+sharded checkpoint resumes on another worker count, under DDP, or on one process, and `load_model_weights` /
+`speechlm export` read it into one plain model (and one `model.safetensors`). DCP's index is a pickle: it is
+read with an unpickler that knows only DCP's metadata types, and its non-tensor items with
+`torch.load(weights_only=True)`, as every other file here.
+
 A checkpoint is complete once `complete.json` exists and its files have the sizes it lists: listing, resuming
 and loading skip or refuse anything else, so a checkpoint interrupted mid-write (a driver killed with -9, a node
 lost during the upload) is never taken for the latest one. Checkpoints written before the marker existed
@@ -45,7 +53,10 @@ from orchestrator.storage.paths import is_url, join
 # speech_generation.*). A version-1 checkpoint (complete once state.json exists) is still listed, but its tensors
 # do not fit today's models: loading it says so.
 FORMAT_VERSION = 2
-READABLE_FORMATS = (FORMAT_VERSION,)
+SHARDED_FORMAT_VERSION = 3  # FSDP2: model and optimizer as DCP shards, any layout of format 2 otherwise
+READABLE_FORMATS = (FORMAT_VERSION, SHARDED_FORMAT_VERSION)
+DCP_METADATA_FILE = ".metadata"  # DCP's index of the shards (written by rank 0)
+DCP_SHARD_SUFFIX = ".distcp"
 WEIGHTS_FILE = "weights.safetensors"
 TRAINER_STATE_FILE = "trainer_state.pt"
 STATE_FILE = "state.json"
@@ -102,6 +113,167 @@ def _kept_model_state(model: torch.nn.Module, full_state: dict[str, torch.Tensor
     return kept
 
 
+# ----------------------------------------------------------------------------------------------
+# Sharded model and optimizer (FSDP2), through torch.distributed.checkpoint
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def is_sharded_checkpoint(directory: Path) -> bool:
+    return (directory / DCP_METADATA_FILE).is_file()
+
+
+# What DCP's `.metadata` pickle may name: its own record types, tensor dtypes and sizes, and a path.
+_DCP_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_DCP_METADATA_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (
+            module in _DCP_METADATA_MODULES
+            or (module, name) in _DCP_METADATA_GLOBALS
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not a type of a DCP checkpoint index")
+        return super().find_class(module, name)
+
+
+def _dcp_reader(directory: Path):
+    """DCP's FileSystemReader, reading the index without unpickling code."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            path = directory / DCP_METADATA_FILE
+            try:
+                with open(path, "rb") as f:
+                    metadata = _MetadataUnpickler(f).load()
+            except pickle.UnpicklingError as exc:
+                raise CheckpointError(
+                    f"{path}: refused to load: {exc}. A checkpoint of this project never holds other objects, so "
+                    "the file was made elsewhere or tampered with; resume from another checkpoint"
+                ) from None
+            except (OSError, EOFError) as exc:
+                raise CheckpointError(_damaged(path, exc)) from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(directory))
+
+
+def _dcp_planner():
+    """DCP's load planner, with its non-tensor items (optimizer hyper-parameters) read as plain data only."""
+    import io
+
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            loaded = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._traverse import set_element  # what DCP's own planner calls
+
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return SafePlanner()
+
+
+def _save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank writes its own shards of the kept model state and of the optimizer state (a collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    model_state, optim_state = get_state_dict(model, optimizer)  # DTensor shards: nothing is gathered
+    kept = _kept_sharded_state(model, model_state)
+    dcp.save({"model": kept, "optimizer": optim_state}, storage_writer=dcp.FileSystemWriter(str(directory)))
+
+
+def _kept_sharded_state(model: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    trainable = trainable_names(model)
+    buffers = {name for name, _ in unwrap(model).named_buffers()}
+    kept = {k: v for k, v in state.items() if k in trainable or k in buffers}
+    missing = trainable - kept.keys()
+    if missing:
+        raise CheckpointError(
+            f"{len(missing)} trainable parameters are missing from the state dict: {sorted(missing)[:3]}"
+        )
+    return kept
+
+
+def _load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Restore model and optimizer from DCP shards into a model wrapped any way (FSDP2 resharded to this world
+    size, DDP, or none): every rank reads the pieces its own state needs."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = _weight_names(directory)
+    missing = trainable_names(model) - saved
+    if missing:
+        raise CheckpointError(
+            f"{directory}: {len(missing)} trainable parameters have no saved tensor (e.g. {sorted(missing)[:3]}); "
+            "the checkpoint was made with another model config; resume from another checkpoint "
+            "(exp_manager.resume_from_checkpoint) or start a new run"
+        )
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": {k: v for k, v in model_state.items() if k in saved}, "optimizer": optim_state}
+    dcp.load(state, storage_reader=_dcp_reader(directory), planner=_dcp_planner())
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(strict=False),
+    )
+
+
+def _sharded_weight_shapes(directory: Path) -> dict[str, Any]:
+    """{parameter or buffer name: DCP tensor metadata} of the model part of a sharded checkpoint."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = _dcp_reader(directory).read_metadata()
+    return {
+        key[len("model.") :]: md
+        for key, md in metadata.state_dict_metadata.items()
+        if key.startswith("model.") and isinstance(md, TensorStorageMetadata)
+    }
+
+
+def _load_sharded_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The model tensors of a sharded checkpoint as whole tensors, in this process alone (export, inference)."""
+    import torch.distributed.checkpoint as dcp
+
+    shapes = _sharded_weight_shapes(directory)
+    tensors = {name: torch.empty(md.size, dtype=md.properties.dtype) for name, md in shapes.items()}
+    try:
+        dcp.load({"model": tensors}, storage_reader=_dcp_reader(directory), planner=_dcp_planner(), no_dist=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(_damaged(directory / f"__0_0{DCP_SHARD_SUFFIX}", exc)) from None
+    return tensors
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing and reading a checkpoint
+# ----------------------------------------------------------------------------------------------
+
+
 def save_checkpoint(
     directory: Path,
     model: torch.nn.Module,
@@ -114,22 +286,31 @@ def save_checkpoint(
 ) -> None:
     """Write this rank's part of a checkpoint into `directory` (rank 0 writes the model and trainer state).
 
-    `get_state_dict` with full_state_dict gathers FSDP2 shards and unwraps DDP, so every rank must call it.
-    The checkpoint is complete only once `mark_complete` has run, after every rank's files are in place: the
-    training loop does that in `persist_checkpoint`, a direct writer (`orchestrator.testing.write_checkpoint`)
-    right after this call.
+    Every rank must call it: under FSDP2 every rank writes its shards through DCP (a collective); under DDP
+    `get_state_dict` unwraps the model and rank 0 writes `weights.safetensors`. The checkpoint is complete only
+    once `mark_complete` has run, after every rank's files are in place: the training loop does that in
+    `persist_checkpoint`, a direct writer (`orchestrator.testing.write_checkpoint`) right after this call.
     """
-    options = StateDictOptions(full_state_dict=True, cpu_offload=False)
-    model_state, optim_state = get_state_dict(model, optimizer, options=options)
     directory.mkdir(parents=True, exist_ok=True)
+    sharded = _is_fsdp(model)
+    if sharded:
+        _save_sharded(directory, model, optimizer)
+    else:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
     if write_model:
-        save_file(_kept_model_state(model, model_state), str(directory / WEIGHTS_FILE))
+        if not sharded:
+            save_file(_kept_model_state(model, model_state), str(directory / WEIGHTS_FILE))
         torch.save(
-            {"optimizer": optim_state, "scheduler": scheduler.state_dict() if scheduler else None},
+            {
+                "optimizer": None if sharded else optim_state,  # sharded: in the DCP shards
+                "scheduler": scheduler.state_dict() if scheduler else None,
+            },
             directory / TRAINER_STATE_FILE,
         )
+        version = SHARDED_FORMAT_VERSION if sharded else FORMAT_VERSION
         (directory / STATE_FILE).write_text(
-            json.dumps({"format_version": FORMAT_VERSION, "step": state.step, "metrics": state.metrics}, indent=2)
+            json.dumps({"format_version": version, "step": state.step, "metrics": state.metrics}, indent=2)
         )
         (directory / CONFIG_FILE).write_text(config_yaml)
     if state.data_position is not None:
@@ -207,6 +388,8 @@ def require_complete(path: str) -> None:
 
 
 def _load_weights(directory: Path) -> dict[str, torch.Tensor]:
+    if is_sharded_checkpoint(directory):
+        return _load_sharded_weights(directory)
     path = directory / WEIGHTS_FILE
     try:
         return load_file(str(path))
@@ -217,6 +400,8 @@ def _load_weights(directory: Path) -> dict[str, torch.Tensor]:
 def _weight_names(directory: Path) -> set[str]:
     from safetensors import safe_open
 
+    if is_sharded_checkpoint(directory):
+        return set(_sharded_weight_shapes(directory))
     path = directory / WEIGHTS_FILE
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -279,22 +464,30 @@ def load_checkpoint(
     scheduler: Any,
     rank: int,
 ) -> TrainingState:
-    """Restore model, optimizer and scheduler in place (works for DDP- and FSDP2-wrapped models)."""
+    """Restore model, optimizer and scheduler in place, whichever way the model is wrapped (DDP, FSDP2, none) and
+    whichever way the checkpoint was written (full or sharded)."""
     state = read_saved_state(str(directory))
     require_complete(str(directory))
-    saved_weights = _load_weights(directory)
-    missing = trainable_names(model) - saved_weights.keys()
-    if missing:
-        raise CheckpointError(
-            f"{directory}: {len(missing)} trainable parameters have no saved tensor (e.g. {sorted(missing)[:3]}); "
-            "the checkpoint is incomplete or was made with another model config; resume from another checkpoint "
-            "(exp_manager.resume_from_checkpoint) or start a new run"
-        )
     trainer_state = _load_trainer_state(directory)
-    options = StateDictOptions(full_state_dict=True, strict=False)
-    set_state_dict(
-        model, optimizer, model_state_dict=saved_weights, optim_state_dict=trainer_state["optimizer"], options=options
-    )
+    if is_sharded_checkpoint(directory):
+        _load_sharded(directory, model, optimizer)
+    else:
+        saved_weights = _load_weights(directory)
+        missing = trainable_names(model) - saved_weights.keys()
+        if missing:
+            raise CheckpointError(
+                f"{directory}: {len(missing)} trainable parameters have no saved tensor (e.g. "
+                f"{sorted(missing)[:3]}); the checkpoint is incomplete or was made with another model config; resume "
+                "from another checkpoint (exp_manager.resume_from_checkpoint) or start a new run"
+            )
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=saved_weights,
+            optim_state_dict=trainer_state["optimizer"],
+            options=options,
+        )
     if scheduler is not None and trainer_state["scheduler"] is not None:
         scheduler.load_state_dict(trainer_state["scheduler"])
     position_file = directory / f"{DATA_POSITION_PREFIX}{rank}.json"
@@ -415,8 +608,16 @@ def local_copy(path: str) -> Iterator[Path]:
     if not is_url(path):
         yield Path(path)
         return
+    names = list(_MODEL_FILES)
+    if filesystems.exists(join(path, DCP_METADATA_FILE)):  # sharded: the index and every rank's shards
+        shards = filesystems.list_names(path, prefix="__")
+        names = (
+            [n for n in names if n != WEIGHTS_FILE]
+            + [DCP_METADATA_FILE]
+            + [n for n in shards if n.endswith(DCP_SHARD_SUFFIX)]
+        )
     with tempfile.TemporaryDirectory(prefix="speechlm-ckpt-") as tmp:
-        for name in _MODEL_FILES:
+        for name in names:
             (Path(tmp) / name).write_bytes(filesystems.read_bytes(join(path, name)))
         yield Path(tmp)
 

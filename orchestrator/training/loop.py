@@ -7,7 +7,6 @@ at the same steps, because report is a barrier; the data pipeline guarantees equ
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -36,9 +35,11 @@ from orchestrator.storage.checkpoints import (
     unwrap,
 )
 from orchestrator.tracking.mlflow_runs import MetricsLogger
+from orchestrator.training.parallel import full_parameters, gradient_sync, wrap_for_distribution
 from orchestrator.training.progress import format_progress
 from orchestrator.training.validation import run_validation
 from orchestrator.training.worker_io import keep_freed_memory_in_heap, say, to_device
+from speech_models.memory import apply_activation_checkpointing
 from speech_models.precision import setup_precision
 from speech_models.registry import ModelEntry
 
@@ -62,25 +63,6 @@ class LoopSettings:
 
 
 # ----------------------------------------------------------------------------------------------- set-up
-
-
-def wrap_for_distribution(model: torch.nn.Module, strategy: str, device: torch.device) -> torch.nn.Module:
-    """DDP (default) or FSDP2 across the Ray Train worker group; nothing with a single worker."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return model
-    if strategy == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
-
-        # Shard each transformer block of the LLM, then the rest: the usual FSDP2 recipe.
-        for module in model.modules():
-            if type(module).__name__.endswith("DecoderLayer"):
-                fully_shard(module)
-        return fully_shard(model)
-    device_ids = [device.index] if device.type == "cuda" else None
-    # No buffer broadcast: some buffers grow with the input length (relative positional tables), so their
-    # sizes differ between ranks and a broadcast would crash gloo/NCCL. BatchNorm statistics stay per rank;
-    # checkpoints take rank 0's.
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
 def setup_optimizer(model: torch.nn.Module, cfg: ExperimentConfig):
@@ -163,7 +145,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model = settings.model.build(cfg.model, cfg.data).to(device)
     autocast = setup_precision(model, cfg.trainer.precision, device)
-    model = wrap_for_distribution(model, cfg.trainer.strategy, device)
+    if cfg.trainer.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    model = wrap_for_distribution(model, cfg.trainer.strategy, device, cfg.trainer.precision)
     optimizer, scheduler = setup_optimizer(model, cfg)
 
     state = TrainingState()
@@ -194,20 +178,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             say(f"data exhausted after {cfg.trainer.max_epochs} epoch(s) at step {state.step}")
             break
         for index, (batch, meta) in enumerate(micro_batches):
-            sync = index == len(micro_batches) - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
-            with contextlib.nullcontext() if sync else model.no_sync(), autocast():
+            with gradient_sync(model, index == len(micro_batches) - 1), autocast():
                 out = model(to_device(batch, device))
             (out["loss"] / len(micro_batches)).backward()
             _accumulate(stats, out, meta, len(micro_batches))
         clip = cfg.trainer.gradient_clip_val
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip if clip else math.inf)
+        grad_norm = clip_gradients(trainable, clip)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         stats.steps += 1
-        stats.grad_norm += float(grad_norm)
+        stats.grad_norm += grad_norm
         state.data_position = micro_batches[-1][1].position.to_dict()
 
         last_step = state.step >= max_steps
@@ -229,6 +212,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         report_validation_and_checkpoint(run)
     if rank == 0:
         say(f"training finished at step {state.step}")
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """Clip the global gradient norm (over every rank's shards under FSDP2) to `max_norm`; return the norm."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
+    if hasattr(norm, "full_tensor"):  # a DTensor (FSDP2): the norm of the whole gradient, the same on every rank
+        norm = norm.full_tensor()
+    return float(norm)
 
 
 def _next_micro_batches(batches: Iterator, accumulate: int, stats: IntervalStats) -> list | None:
@@ -312,7 +303,7 @@ def report_validation_and_checkpoint(run: WorkerRun) -> None:
     average_buffers(run.unwrapped, run.world)  # every rank validates, and rank 0 saves, the same BatchNorm statistics
     if run.settings.validation_sets:
         run.unwrapped.eval()
-        with torch.no_grad(), run.autocast():
+        with torch.no_grad(), full_parameters(run.model), run.autocast():
             metrics.update(
                 run_validation(
                     run.unwrapped, run.settings.model, run.settings.validation_sets, cfg, run.rank, run.world
