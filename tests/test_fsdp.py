@@ -104,3 +104,37 @@ def test_sharded_index_is_read_without_unpickling_code(tmp_path: Path) -> None:
     (tmp_path / checkpoints.DCP_METADATA_FILE).write_bytes(pickle.dumps(Evil()))
     with pytest.raises(checkpoints.CheckpointError, match="refused to load"):
         checkpoints._weight_names(tmp_path)
+
+
+def test_demo_salm_trains_with_fsdp2_on_two_ray_workers_resumes_and_exports(
+    ray_session, tiny_demo: Path, tmp_path: Path
+) -> None:
+    """The real driver and loop: `trainer.strategy=fsdp2` with bf16-mixed and activation checkpointing on 2 CPU
+    workers validates (greedy generation on every rank), writes sharded checkpoints, resumes, and exports."""
+    from orchestrator.config import load_experiment
+    from orchestrator.inference.export import export_model
+    from orchestrator.testing import tiny_training_overrides
+    from orchestrator.training.driver import run_training
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo" / "salm.yaml"
+    run_dir = tmp_path / "run"
+    extra = ["trainer.strategy=fsdp2", "trainer.precision=bf16-mixed", "trainer.activation_checkpointing=true"]
+
+    def train(max_steps: int):
+        overrides = [*tiny_training_overrides(tiny_demo, run_dir, max_steps), "trainer.val_check_interval=2", *extra]
+        return run_training(load_experiment(config, overrides).cfg)
+
+    result = train(2)
+    assert result.ok, result.error
+    assert "val_wer" in result.metrics
+    step2 = run_dir / "step=0000002"
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= {p.name for p in step2.iterdir()}
+    assert checkpoints.completeness_problem(str(step2)) is None
+
+    result = train(4)  # the same command with more steps resumes from the sharded checkpoint
+    assert result.ok, result.error
+    assert [step for step, _ in checkpoints.list_checkpoints(str(run_dir))] == [2, 4]
+
+    exported = export_model(str(run_dir), tmp_path / "export", which="latest")
+    assert (Path(exported.out_dir) / "model.safetensors").is_file()
+    assert exported.reload_max_diff is not None

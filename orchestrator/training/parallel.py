@@ -54,13 +54,15 @@ def _child_units(model: nn.Module, ignored: set[nn.Parameter]) -> list[list[nn.M
     for child in model.children():
         if hasattr(child, "get_base_model"):  # peft: the models call the wrapped LM itself, not the wrapper
             child = child.get_base_model()
+        # a ModuleList/Dict is never called itself: its members are, so they are the unit (one unit together)
+        members = list(child.children()) if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else [child]
         own = {id(p) for p in child.parameters() if p not in ignored}
         if not own:
             continue
         joined = [g for g in groups if g[1] & own]
         for g in joined:
             groups.remove(g)
-        modules = [m for g in joined for m in g[0]] + [child]
+        modules = [m for g in joined for m in g[0]] + members
         groups.append((modules, own.union(*(g[1] for g in joined))))
     return [modules for modules, _ in groups]
 
