@@ -1,9 +1,10 @@
-"""Where a model's activation memory goes, and how to spend compute instead: its repeated blocks, recomputed.
+"""Where a model's activation memory goes, and how to spend compute instead: its blocks, recomputed.
 
-A model's repeated blocks are its Hugging Face LLM decoder layers (transformers marks them
-`GradientCheckpointingLayer`), the FastConformer layers of its encoder and modality adapter, and the layers of
-a duplex speech decoder. They are what activation checkpointing recomputes in the backward pass (`trainer.
-activation_checkpointing`, the name NeMo Automodel's FSDP2 strategy uses) and what FSDP2 shards one unit each
+A model's blocks are its Hugging Face LLM decoder layers (transformers marks them `GradientCheckpointingLayer`),
+the FastConformer layers of its encoder and modality adapter, the layers of a duplex speech decoder, and the
+encoder's convolutional subsampling (on long audio its full-rate feature maps are the largest activations of
+all). They are what activation checkpointing recomputes in the backward pass (`trainer.activation_checkpointing`,
+the name NeMo Automodel's FSDP2 strategy uses) and what FSDP2 shards one unit each
 (`orchestrator.training.parallel`), so the two agree on the granularity.
 
 Checkpointing wraps each block's `forward` on the instance (non-reentrant `torch.utils.checkpoint`, RNG state
@@ -27,13 +28,13 @@ def _block_types() -> tuple[type, ...]:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     from speech_models.duplex_s2s_speech_decoder import TransformerLayer
-    from speech_models.perception import ConformerLayer
+    from speech_models.perception import ConformerLayer, ConvSubsampling
 
-    return (GradientCheckpointingLayer, ConformerLayer, TransformerLayer)
+    return (GradientCheckpointingLayer, ConformerLayer, TransformerLayer, ConvSubsampling)
 
 
-def repeated_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) of every repeated block: LLM decoder layers, Conformer layers, speech decoder layers."""
+def model_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of every block: LLM decoder layers, Conformer layers, speech decoder layers, subsampling."""
     types = _block_types()
     for name, module in model.named_modules():
         if isinstance(module, types):
@@ -52,10 +53,10 @@ def _recomputed(forward: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def apply_activation_checkpointing(model: nn.Module) -> int:
-    """Recompute every repeated block's activations in backward instead of keeping them; returns how many
-    blocks. Idempotent; apply before FSDP2 wrapping or after, either works (the wrap is inside `forward`)."""
+    """Recompute every block's activations in backward instead of keeping them; returns how many blocks.
+    Idempotent; apply before FSDP2 wrapping or after, either works (the wrap is inside `forward`)."""
     count = 0
-    for _, block in repeated_blocks(model):
+    for _, block in model_blocks(model):
         if not getattr(block.forward, "recomputed", False):
             block.forward = _recomputed(block.forward)
         count += 1

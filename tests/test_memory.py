@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from speech_models.memory import apply_activation_checkpointing, repeated_blocks
+from speech_models.memory import apply_activation_checkpointing, model_blocks
 from speech_models.perception import chunk_spans
 from speech_models.salm import SALM, SALMCollator
 from speech_models.testing import build_tiny_llm_dir, tiny_conformer_config, tiny_perception_config, tiny_salm_config
@@ -53,7 +53,7 @@ def saved_activation_bytes(fn) -> int:
 
 def test_activation_checkpointing_same_loss_and_gradients_fewer_activations(llm_dir: Path) -> None:
     plain, recomputed = make_salm(llm_dir), make_salm(llm_dir)
-    assert apply_activation_checkpointing(recomputed) == len(list(repeated_blocks(recomputed))) == 4
+    assert apply_activation_checkpointing(recomputed) == len(list(model_blocks(recomputed))) == 5
     assert {n for n, _ in plain.named_parameters()} == {n for n, _ in recomputed.named_parameters()}
     batch = batch_of(plain, [1.0, 1.6])
     results = []

@@ -64,6 +64,11 @@ def _check_trainer(cfg: ExperimentConfig, problems: list[str]) -> None:
         )
     if t.cpus_per_worker is not None and t.cpus_per_worker <= 0:
         problems.append(f"trainer.cpus_per_worker: {t.cpus_per_worker} must be positive")
+    if t.async_validation and (cfg.data.validation_ds is None or not cfg.exp_manager.create_checkpoint_callback):
+        problems.append(
+            "trainer.async_validation: validates each checkpoint in a task of its own, so it needs "
+            "data.validation_ds and exp_manager.create_checkpoint_callback=true; set both or remove the key"
+        )
     if t.min_nodes is not None:
         if not 1 <= t.min_nodes <= t.num_nodes:
             problems.append(

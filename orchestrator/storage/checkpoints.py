@@ -8,7 +8,9 @@ A run directory holds one checkpoint directory per validation; a checkpoint dire
 - `config.yaml`: the resolved experiment config, so the checkpoint alone can rebuild the model;
 - `data_position.rank<R>.json`: where each rank's data stream was, so a resumed run does not re-read the epoch;
 - `complete.json`: written last, once every rank's files are in place (`persist_checkpoint`); it lists every file
-  with its size.
+  with its size;
+- `validation.json`: with `trainer.async_validation`, the metrics of the validation that ran on the checkpoint
+  after it was written (read back as part of `state.json`'s metrics).
 
 FSDP2 runs write the model and optimizer sharded instead (format 3), through `torch.distributed.checkpoint`
 (DCP): each rank writes its own shards (`__<rank>_0.distcp`) and rank 0 the index (`.metadata`), so no rank
@@ -63,6 +65,7 @@ STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
 DATA_POSITION_PREFIX = "data_position.rank"
 COMPLETE_FILE = "complete.json"
+VALIDATION_FILE = "validation.json"  # metrics of a validation run on the checkpoint after it was written
 CHECKPOINT_DIR = re.compile(r"^step=(\d+)")
 # Every checkpoint file a model needs (a remote checkpoint is copied down for loading).
 _MODEL_FILES = (WEIGHTS_FILE, STATE_FILE, CONFIG_FILE)
@@ -317,23 +320,57 @@ def save_checkpoint(
         (directory / f"{DATA_POSITION_PREFIX}{rank}.json").write_text(json.dumps(state.data_position))
 
 
-def persist_checkpoint(checkpoint: Any, checkpoint_dir_name: str, rank: int, world: int) -> Any:
+def persist_checkpoint(
+    checkpoint: Any, checkpoint_dir_name: str, rank: int, world: int, in_background: bool = False
+) -> Any:
     """Ray Train's `checkpoint_upload_fn`: upload this rank's files (as Ray's default upload does), wait until
     every rank has uploaded, then rank 0 writes `complete.json`.
 
     Ray registers a checkpoint, and deletes the ones beyond save_top_k, only after every rank's report returns,
     that is after this function: so the marker exists before Ray can delete the previous complete checkpoint,
     and a kill at any moment leaves at least one complete checkpoint behind.
+
+    in_background: the upload runs in Ray's upload thread while training goes on
+    (`exp_manager.checkpoint_callback_params.async_save`), where a collective would race the training's own;
+    each rank then writes `uploaded.rank<R>` after its files, and rank 0 waits for all of them in storage.
     """
     import ray.train
     import torch.distributed as dist
 
     persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, checkpoint_dir_name)
-    if world > 1:
+    if world > 1 and in_background:
+        _mark_uploaded(persisted.path, persisted.filesystem, rank)
+        if rank == 0:
+            _wait_for_uploads(persisted.path, persisted.filesystem, world)
+    elif world > 1:
         dist.barrier()  # every rank's files (its data position) are uploaded
     if rank == 0:
         mark_complete(persisted.path, persisted.filesystem)
     return persisted
+
+
+UPLOADED_PREFIX = "uploaded.rank"
+UPLOAD_WAIT_S = 3600.0
+
+
+def _mark_uploaded(path: str, fs: pafs.FileSystem, rank: int) -> None:
+    with fs.open_output_stream(f"{path.rstrip('/')}/{UPLOADED_PREFIX}{rank}") as out:
+        out.write(b"")
+
+
+def _wait_for_uploads(path: str, fs: pafs.FileSystem, world: int, timeout_s: float = UPLOAD_WAIT_S) -> None:
+    import time
+
+    expected = {f"{UPLOADED_PREFIX}{r}" for r in range(world)}
+    deadline = time.monotonic() + timeout_s
+    while not expected <= set(_file_sizes(fs, path)):
+        if time.monotonic() > deadline:
+            missing = sorted(expected - set(_file_sizes(fs, path)))
+            raise CheckpointError(
+                f"checkpoint {path}: {missing} did not appear within {timeout_s:.0f} s, so not every rank uploaded "
+                "its files; the checkpoint stays incomplete (resume uses the one before)"
+            )
+        time.sleep(0.5)
 
 
 def _file_sizes(fs: pafs.FileSystem, inner: str) -> dict[str, int]:
@@ -565,7 +602,18 @@ def read_saved_state(path: str) -> dict[str, Any]:
         )
     if version not in READABLE_FORMATS:
         raise CheckpointError(f"{path}: checkpoint format {version} is not one of {READABLE_FORMATS}")
+    validation_path = join(path, VALIDATION_FILE)
+    if filesystems.is_file(validation_path):  # validated after it was written (trainer.async_validation)
+        with contextlib.suppress(ValueError):
+            state.setdefault("metrics", {}).update(json.loads(filesystems.read_text(validation_path)))
     return state
+
+
+def write_validation_metrics(path: str, filesystem: pafs.FileSystem, metrics: dict[str, float]) -> None:
+    """Add the metrics of a validation that ran after the checkpoint was written (a file of its own: the files
+    `complete.json` lists stay as they were)."""
+    with filesystem.open_output_stream(f"{path.rstrip('/')}/{VALIDATION_FILE}") as out:
+        out.write(json.dumps(metrics, indent=1, sort_keys=True).encode())
 
 
 def read_saved_config(path: str) -> dict[str, Any]:

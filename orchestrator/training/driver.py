@@ -203,6 +203,16 @@ def run_training(
         validation_sets=list(val_collators),
         resume_from=_checkpoint_at(resume_from) if resume_from else None,
     )
+    validation_config = None
+    if cfg.trainer.async_validation and has_validation:
+        from orchestrator.training.validation import CheckpointValidator
+
+        # the validation task asks for what a training worker has: where there is none spare, it waits for one
+        task_resources = {"num_cpus": resources.cpus_per_worker, "num_gpus": 1 if resources.use_gpu else 0}
+        validation_config = ray.train.ValidationConfig(
+            fn=CheckpointValidator(cfg, entry, list(val_collators), tracking_uri, run_id),
+            ray_remote_kwargs=task_resources,
+        )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"settings": settings},
@@ -221,6 +231,7 @@ def run_training(
         ),
         datasets=datasets,
         dataset_config=ray_data_config(list(datasets)),
+        validation_config=validation_config,
     )
     error = None
     try:

@@ -7,6 +7,7 @@ at the same steps, because report is a barrier; the data pipeline guarantees equ
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -37,7 +38,7 @@ from orchestrator.storage.checkpoints import (
 from orchestrator.tracking.mlflow_runs import MetricsLogger
 from orchestrator.training.parallel import full_parameters, gradient_sync, wrap_for_distribution
 from orchestrator.training.progress import format_progress
-from orchestrator.training.validation import run_validation
+from orchestrator.training.validation import format_validation, run_validation
 from orchestrator.training.worker_io import keep_freed_memory_in_heap, say, to_device
 from speech_models.memory import apply_activation_checkpointing
 from speech_models.precision import setup_precision
@@ -297,11 +298,13 @@ def average_buffers(model: torch.nn.Module, world: int) -> None:
 
 
 def report_validation_and_checkpoint(run: WorkerRun) -> None:
-    """Validate every set, log the metrics, and report them to Ray Train together with a checkpoint."""
+    """Validate every set (here, or in a Ray task of its own with trainer.async_validation), log the metrics, and
+    report them to Ray Train together with a checkpoint."""
     cfg, state = run.cfg, run.state
     metrics: dict[str, float] = {"step": float(state.step)}
     average_buffers(run.unwrapped, run.world)  # every rank validates, and rank 0 saves, the same BatchNorm statistics
-    if run.settings.validation_sets:
+    validate_beside = cfg.trainer.async_validation and bool(run.settings.validation_sets)
+    if run.settings.validation_sets and not validate_beside:
         run.unwrapped.eval()
         with torch.no_grad(), full_parameters(run.model), run.autocast():
             metrics.update(
@@ -310,22 +313,33 @@ def report_validation_and_checkpoint(run: WorkerRun) -> None:
                 )
             )
         if run.rank == 0:
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("val_") and k.count("_") <= 2)
-            say(f"validation at step {state.step}: {shown}")
+            say(format_validation(state.step, metrics))
         if run.metrics_logger:
             run.metrics_logger.log(metrics, state.step)
     state.metrics = metrics
     if not cfg.exp_manager.create_checkpoint_callback:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory() as tmp:
+    params = cfg.exp_manager.checkpoint_callback_params
+    reported = dict(metrics)
+    if validate_beside:  # a placeholder until the validation task reports (Ray ranks checkpoints by it)
+        reported[params.monitor] = math.nan
+    # A background upload reads the files after this function returns: Ray deletes the directory once uploaded.
+    directory = tempfile.mkdtemp(prefix="speechlm-ckpt-") if params.async_save else None
+    with contextlib.nullcontext(directory) if directory else tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(
             Path(tmp), run.model, run.optimizer, run.scheduler, state, to_yaml(cfg), run.rank == 0, run.rank
         )
         ray.train.report(
-            metrics,
+            reported,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=checkpoint_dir_name(state.step, cfg.exp_manager.checkpoint_callback_params.filename),
+            checkpoint_dir_name=checkpoint_dir_name(state.step, params.filename),
             # uploads, then marks the checkpoint complete once every rank's files are in place
-            checkpoint_upload_fn=functools.partial(persist_checkpoint, rank=run.rank, world=run.world),
+            checkpoint_upload_fn=functools.partial(
+                persist_checkpoint, rank=run.rank, world=run.world, in_background=params.async_save
+            ),
+            checkpoint_upload_mode=(
+                ray.train.CheckpointUploadMode.ASYNC if params.async_save else ray.train.CheckpointUploadMode.SYNC
+            ),
+            validation=validate_beside,
         )

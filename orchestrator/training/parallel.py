@@ -1,9 +1,10 @@
 """How a model is spread over the Ray Train worker group: DDP, or FSDP2 (`trainer.strategy`).
 
 FSDP2 (`torch.distributed.fsdp.fully_shard`) shards every parameter across the ranks. Its units, innermost
-first: each repeated block (LLM decoder layer, Conformer layer, speech decoder layer: `speech_models.memory`),
-then each direct child of the model that holds parameters (`perception`, `embed_tokens`, `llm`, `lm_head`, ...;
-under LoRA the LM inside peft's wrapper, which is what the models call), then the model itself. A unit gathers its parameters when its module is *called*. That is why every child is
+first: each block (LLM decoder layer, Conformer layer, speech decoder layer, conv subsampling:
+`speech_models.memory`), then each direct child of the model that holds parameters (`perception`,
+`embed_tokens`, `llm`, `lm_head`, ...; under LoRA the LM inside peft's wrapper, which is what the models call),
+then the model itself. A unit gathers its parameters when its module is *called*. That is why every child is
 a unit of its own: validation and generation call `model.perception(...)`, `model.embed_tokens(...)` and the
 LLM's `generate` directly, never the model's own `forward`, and parameters left to the root unit would still
 be shards there ("aten.convolution.default: got mixed torch.Tensor and DTensor").
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from speech_models.memory import repeated_blocks
+from speech_models.memory import model_blocks
 from speech_models.precision import MIXED_DTYPES
 
 STRATEGIES = ("ddp", "fsdp2")
@@ -82,7 +83,7 @@ def shard_model(model: nn.Module, precision: str, mesh=None) -> nn.Module:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and any(p not in ignored for p in module.parameters()):
             fully_shard(module, mesh=mesh, mp_policy=fp32_policy if mixed else policy, ignored_params=ignored)
-    for _, block in repeated_blocks(model):
+    for _, block in model_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=ignored)
     for unit in _child_units(model, ignored):
         fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=policy, ignored_params=ignored)
