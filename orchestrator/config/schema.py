@@ -47,6 +47,8 @@ class TrainerConfig:
     # num_nodes x devices as nodes come back; a lost node shrinks the worker group instead of stopping the run.
     # Each resize restarts the workers from the latest checkpoint. None: a fixed num_nodes x devices workers.
     min_nodes: int | None = None
+    # Elastic: how often (seconds) a running worker group checks whether more nodes are back to grow into
+    elastic_resize_interval_s: float = 60.0
     # Validate each checkpoint in a separate Ray task (on spare resources: a GPU or CPUs as a training worker
     # has) while the workers train on; its metrics reach MLflow and the checkpoint's ranking when it finishes.
     # False: every rank stops training to validate (the metrics are there at once, as sweep schedulers need).

@@ -150,8 +150,7 @@ def run_training(
     resources = plan_resources(cfg, ray.cluster_resources())
     print(
         redact(
-            f"run dir: {directory}\nworkers: {resources.num_workers} x "
-            f"({'1 GPU, ' if resources.use_gpu else ''}{resources.cpus_per_worker:g} CPU)"
+            f"run dir: {directory}\nworkers: {resources.describe()}"
             + (f"\nresuming from {resume_from}" if resume_from else "")
         ),
         flush=True,
@@ -217,7 +216,8 @@ def run_training(
         train_loop_per_worker,
         train_loop_config={"settings": settings},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=resources.num_workers,
+            num_workers=resources.ray_num_workers,
+            elastic_resize_monitor_interval_s=cfg.trainer.elastic_resize_interval_s,
             use_gpu=resources.use_gpu,
             resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": 1} if resources.use_gpu else {})},
         ),
