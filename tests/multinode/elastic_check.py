@@ -101,9 +101,11 @@ def world_runs(entries: list[tuple[int, int]]) -> list[int]:
     return runs
 
 
-def wait_for(condition, what: str, timeout: float = 600.0) -> None:
+def wait_for(condition, what: str, runner: threading.Thread, timeout: float = 600.0) -> None:
     deadline = time.time() + timeout
     while not condition():
+        if not runner.is_alive():
+            raise RuntimeError(f"the run ended while waiting for {what}; world sizes: {world_runs(worlds())}")
         if time.time() > deadline:
             raise TimeoutError(f"timed out waiting for {what}; world sizes so far: {world_runs(worlds())}")
         time.sleep(0.5)
@@ -112,6 +114,7 @@ def wait_for(condition, what: str, timeout: float = 600.0) -> None:
 def overrides(shar: Path, run_dir: Path) -> list[str]:
     return [
         "model.model_type=elastic_cut_counter",
+        f"model.pretrained_llm={shar}",  # an existing path for the config's source check; the toy model reads none
         f"data.train_ds.input_cfg.0.shar_path={shar}",
         "data.train_ds.batch_size=3",
         "data.train_ds.batch_duration=null",
@@ -162,30 +165,40 @@ def main(work: Path, out: Path) -> None:
         register(ModelEntry("elastic_cut_counter", model=CutCounter, collator=CutIdCollator, metrics=(LOSS,)))
         cfg = load_experiment(CONFIG, overrides(shar, run_dir)).cfg
         outcome: dict = {}
-        runner = threading.Thread(target=lambda: outcome.update(result=run_training(cfg)), daemon=True)
+
+        def train() -> None:
+            try:
+                outcome["result"] = run_training(cfg)
+            except Exception as exc:  # reported in the facts
+                outcome["error"] = f"{type(exc).__name__}: {exc}"
+
+        runner = threading.Thread(target=train, daemon=True)
         runner.start()
 
         # 1. Two workers train and checkpoint; then node_b is lost (its worker with it).
-        wait_for(lambda: 2 in world_runs(worlds()), "a worker group of 2")
-        wait_for(lambda: (checkpoints.list_checkpoints(str(run_dir)) or [(0, "")])[-1][0] >= 2, "a checkpoint")
+        wait_for(lambda: 2 in world_runs(worlds()), "a worker group of 2", runner)
+        wait_for(lambda: (checkpoints.list_checkpoints(str(run_dir)) or [(0, "")])[-1][0] >= 2, "a checkpoint", runner)
         (CONTROL / "hold_world1").touch()
         facts["node_lost_after_forwards"] = len(worlds())
         cluster.remove_node(node_b, allow_graceful=False)
 
         # 2. The run goes on with the worker left (and checkpoints there); then node_b comes back.
-        wait_for(lambda: world_runs(worlds())[-1:] == [1] and len([w for _, w in worlds() if w == 1]) >= 5,
-                 "training on the remaining node")  # fmt: skip
+        wait_for(
+            lambda: world_runs(worlds())[-1:] == [1] and len([w for _, w in worlds() if w == 1]) >= 5,
+            "training on the remaining node",
+            runner,
+        )
         facts["steps_on_one_node"] = len([w for _, w in worlds() if w == 1])
         cluster.add_node(num_cpus=NODE_B_CPUS, resources={"node_b": 1}, object_store_memory=OBJECT_STORE_BYTES)
 
         # 3. The worker group grows back to 2 and finishes the epoch.
-        wait_for(lambda: world_runs(worlds())[-1:] == [2] and 1 in world_runs(worlds()), "growing back to 2")
+        wait_for(lambda: world_runs(worlds())[-1:] == [2] and 1 in world_runs(worlds()), "growing back to 2", runner)
         (CONTROL / "hold_world1").unlink(missing_ok=True)
         runner.join(timeout=900)
         result = outcome.get("result")
         facts["training"] = {
             "ok": bool(result and result.ok),
-            "error": None if result is None else result.error,
+            "error": outcome.get("error") if result is None else result.error,
             "finished": not runner.is_alive(),
         }
         facts["world_runs"] = world_runs(worlds())
