@@ -2,11 +2,13 @@
 (`trainer.activation_checkpointing`) and encoder chunking (`model.encoder_chunk_size_seconds`), side by side in
 one run.
 
-Each of the four settings runs in a fresh process: build the model (random init, the shapes below), then one
-untimed step to allocate what every step allocates, then `--steps` timed steps. The figure is the peak of that
-process during the timed steps minus what it held before them (weights, gradients, optimizer state, batch):
-the memory the step's activations take. On CPU the peak is the resident set (Linux VmHWM, reset through
-/proc/self/clear_refs before the timed steps); on CUDA `torch.cuda.max_memory_allocated`.
+Each of the four settings runs in a fresh process: build the model (random init, the shapes below) and the
+optimizer with its state (a zero-learning-rate step on zero gradients), then one measured step, then `--steps`
+timed steps. The figure is the peak of the measured step minus what the process held before it (weights,
+optimizer state, batch): the memory the step's activations and gradients take. On CPU the peak is the resident
+set (Linux VmHWM, reset through /proc/self/clear_refs), in a process whose allocator returns every block of 64
+KiB or more to the system when freed (MALLOC_MMAP_THRESHOLD_), so the resident set follows what is allocated;
+on CUDA `torch.cuda.max_memory_allocated`.
 
     python bench/memory.py                           # CPU: 2 x 120 s audio, 8-layer 256-wide encoder, small LLM
     python bench/memory.py --seconds 30 --tiny       # a quick check
@@ -122,16 +124,25 @@ def one_setting(args: argparse.Namespace) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # optimizer state, allocator pools
+    for group in optimizer.param_groups:  # the optimizer's state, made before measuring: a step that moves nothing
+        group["lr"], lr = 0.0, group["lr"]
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
     held, _ = memory_now(device)
     peak_reset(device)
+    step()
+    _, peak = memory_now(device)
     started = time.perf_counter()
     for _ in range(args.steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - started) / args.steps
-    _, peak = memory_now(device)
     return {"setting": args.setting, "held_mib": held, "peak_mib": peak, "step_s": seconds}
 
 
@@ -169,6 +180,9 @@ def main() -> None:
                 check=True,
                 capture_output=True,
                 text=True,
+                # glibc: blocks of 64 KiB and more are mapped on their own and unmapped when freed, so the resident
+                # set is what is allocated (no retained free heap hiding the next step's peak)
+                env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"},
             )
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = rows[0]["peak_mib"] - rows[0]["held_mib"]
@@ -178,7 +192,7 @@ def main() -> None:
         f"LLM {args.llm_layers} x {args.hidden}, chunks of {args.chunk_seconds:g} s, precision {args.precision}, "
         f"{args.device} (torch {torch.__version__}), load {os.getloadavg()[0]:.1f}\n"
     )
-    print("| setting | step peak above weights+optimizer (MiB) | vs baseline | step time (s) | vs baseline |")
+    print("| setting | step peak above weights + optimizer state (MiB) | vs baseline | step time (s) | vs baseline |")
     print("| --- | --- | --- | --- | --- |")
     for row in rows:
         used = row["peak_mib"] - row["held_mib"]

@@ -8,7 +8,7 @@ The model counts how often each cut is trained on, in a float64 buffer saved wit
 test's device: each rank adds `world size` per cut and checkpoints average buffers over ranks, so the count is the
 sum over ranks, whatever the world size was). Every forward appends `<pid> <world size>` to `worlds.log`, so the
 check can see the worker group shrink and grow. `trainer.min_nodes=1`, `trainer.num_nodes=2`, one worker per node
-(2 CPUs each, node_b has exactly 2): workers (1, 2).
+(3 CPUs each: two do not fit on the head, node_b has exactly 3): workers (1, 2).
 
 Writes facts as JSON; the test asserts on them.
 """
@@ -43,7 +43,7 @@ from speech_models.registry import LOSS, ModelEntry, register  # noqa: E402
 
 CONFIG = ROOT / "configs" / "demo" / "salm.yaml"
 SHARDS, CUTS_PER_SHARD, BATCH = 16, 6, 3
-HEAD_CPUS, NODE_B_CPUS, WORKER_CPUS = 4, 2, 2
+HEAD_CPUS, NODE_B_CPUS, WORKER_CPUS = 5, 3, 3  # one worker per node; 2 CPUs left on the head for Ray Data
 OBJECT_STORE_BYTES = 256 * 1024**2
 CONTROL = Path(os.environ.get("ELASTIC_CONTROL", "/nonexistent"))  # set in main(), inherited by Ray workers
 
@@ -60,9 +60,10 @@ class CutIdCollator:
 
 
 class CutCounter(nn.Module):
-    """Counts trained cuts; slow enough (0.3 s a step) that the check can act between steps; once a worker group
-    of one has trained 4 steps it waits while `hold_world1` exists, so the epoch cannot end before the lost node
-    is back (the resize that follows restarts the workers anyway)."""
+    """Counts trained cuts. After its fourth forward a worker of a group of N waits while `hold_world<N>` exists,
+    so the check acts at known points: the node is lost while the 2 workers wait (after a checkpoint), and comes
+    back while the single worker waits (after it trained and checkpointed on its own); the restarts that follow
+    replace the waiting workers anyway."""
 
     def __init__(self, cfg, data_cfg=None):
         super().__init__()
@@ -74,8 +75,8 @@ class CutCounter(nn.Module):
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         with open(CONTROL / "worlds.log", "a") as log:
             log.write(f"{os.getpid()} {world}\n")
-        time.sleep(0.3)
-        while world == 1 and self.forwards > 4 and (CONTROL / "hold_world1").exists():
+        time.sleep(0.2)
+        while self.forwards > 4 and (CONTROL / f"hold_world{world}").exists():
             time.sleep(0.2)
         for cut_id in batch["ids"]:
             self.times_trained[int(cut_id.rsplit("-", 1)[1])] += world
@@ -172,13 +173,15 @@ def main(work: Path, out: Path) -> None:
             except Exception as exc:  # reported in the facts
                 outcome["error"] = f"{type(exc).__name__}: {exc}"
 
+        (CONTROL / "hold_world2").touch()
+        (CONTROL / "hold_world1").touch()
         runner = threading.Thread(target=train, daemon=True)
         runner.start()
 
         # 1. Two workers train and checkpoint; then node_b is lost (its worker with it).
         wait_for(lambda: 2 in world_runs(worlds()), "a worker group of 2", runner)
         wait_for(lambda: (checkpoints.list_checkpoints(str(run_dir)) or [(0, "")])[-1][0] >= 2, "a checkpoint", runner)
-        (CONTROL / "hold_world1").touch()
+        wait_for(lambda: len(worlds()) >= 10, "both workers waiting after 5 steps", runner)
         facts["node_lost_after_forwards"] = len(worlds())
         cluster.remove_node(node_b, allow_graceful=False)
 
@@ -189,6 +192,7 @@ def main(work: Path, out: Path) -> None:
             runner,
         )
         facts["steps_on_one_node"] = len([w for _, w in worlds() if w == 1])
+        (CONTROL / "hold_world2").unlink()  # the next group of 2 trains through
         cluster.add_node(num_cpus=NODE_B_CPUS, resources={"node_b": 1}, object_store_memory=OBJECT_STORE_BYTES)
 
         # 3. The worker group grows back to 2 and finishes the epoch.
