@@ -62,7 +62,10 @@ class AudioCodec(nn.Module):
     """Frozen fp32 codec encoding (B, T) waveforms into (B, n_frames, K) codes on the model's frame grid.
 
     `num_codebooks` (K) and `codebook_size` are what the duplex models size their embeddings and heads by.
+    `keep_fp32` tells trainers to leave it out of precision casts and FSDP2 sharding.
     """
+
+    keep_fp32 = True
 
     def __init__(self, model: nn.Module, frame_length: float, num_quantizers: int | None = None) -> None:
         super().__init__()

@@ -237,6 +237,10 @@ class ModelConfig:
     prevent_freeze_params: list[str] = field(default_factory=list)  # overrides freeze_params
     lora: LoraConfig | None = None
     perception: PerceptionConfig = field(default_factory=PerceptionConfig)
+    # NeMo's key (SALM): encode audio longer than this in chunks of at most this many seconds, each attended
+    # on its own, then join their frames. Long audio then costs memory linear in its length instead of
+    # quadratic (the encoder's attention); frames near a chunk edge see less context. None: whole audio.
+    encoder_chunk_size_seconds: float | None = None
     audio_loss_weight: float = 1.0
     text_loss_weight: float = 1.0
     duplex_user_channel_weight: float = 1.0  # duplex: scale of the user's perception frames in the LLM input

@@ -70,7 +70,24 @@ def install_lora(model: nn.Module, lora_cfg) -> None:
     options = asdict(lora_cfg)
     if not hasattr(model.llm, "prepare_inputs_for_generation"):
         options["task_type"] = None
-    model.llm = peft.get_peft_model(model.llm, peft.LoraConfig(**options))
+    llm, embedding = model.llm, getattr(model, "embed_tokens", None)
+    # The models keep the token embedding outside the LLM (NeMo's layout), but peft asks the LLM for it to find
+    # the weights tied to it (an LM head tied to the embedding, as in Qwen3): lend it for the wrapping.
+    lend = embedding is not None and not _has_input_embeddings(llm)
+    if lend:
+        llm.get_input_embeddings = lambda: embedding
+    try:
+        model.llm = peft.get_peft_model(llm, peft.LoraConfig(**options))
+    finally:
+        if lend:
+            del llm.get_input_embeddings
+
+
+def _has_input_embeddings(llm: nn.Module) -> bool:
+    try:
+        return llm.get_input_embeddings() is not None
+    except (NotImplementedError, AttributeError):
+        return False
 
 
 def apply_freeze_params(

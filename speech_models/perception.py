@@ -769,6 +769,42 @@ class AudioPerceptionModule(nn.Module):
         return self.proj(x), lens.long()
 
 
+def chunk_spans(lens: list[int], chunk: int, min_tail: int) -> list[list[tuple[int, int]]]:
+    """[(start, end) sample spans] per audio: `chunk` samples each; a last span shorter than `min_tail` joins the
+    one before it (it would give less than one encoder frame)."""
+    spans = []
+    for length in lens:
+        row = [(start, min(start + chunk, length)) for start in range(0, max(length, 1), chunk)]
+        if len(row) > 1 and row[-1][1] - row[-1][0] < min_tail:
+            row[-2:] = [(row[-2][0], row[-1][1])]
+        spans.append(row)
+    return spans
+
+
+def encode_in_chunks(
+    perception: AudioPerceptionModule, audio: torch.Tensor, audio_lens: torch.Tensor, chunk_seconds: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NeMo's `encoder_chunk_size_seconds`: cut each audio into chunks of at most `chunk_seconds`, encode all
+    chunks as one batch, and join each audio's frames again. Attention then spans a chunk, so the encoder's
+    (B, T, T) attention tensors shrink from T^2 to about T x chunk frames (the memory of long audio).
+
+    (N_audio, T_samples), (N_audio,) -> the valid frames of every audio back to back (sum T_k, H) and T_k (N_audio,).
+    """
+    rate = perception.cfg.preprocessor.sample_rate
+    chunk = max(1, round(chunk_seconds * rate))
+    min_tail = max(1, round(perception.token_equivalent_duration * rate))  # samples of one output frame
+    spans = chunk_spans(audio_lens.tolist(), chunk, min_tail)
+    pieces = [audio[i, start:end] for i, row in enumerate(spans) for start, end in row]
+    width = max(piece.numel() for piece in pieces)
+    chunks = torch.stack([F.pad(piece, (0, width - piece.numel())) for piece in pieces])  # (N_chunks, width)
+    chunk_lens = torch.tensor([end - start for row in spans for start, end in row], device=audio.device)
+    embs, emb_lens = perception(chunks, chunk_lens)  # (N_chunks, T', H), (N_chunks,)
+    valid = torch.arange(embs.size(1), device=embs.device)[None, :] < emb_lens[:, None]  # (N_chunks, T')
+    owner = torch.tensor([i for i, row in enumerate(spans) for _ in row], device=embs.device)  # (N_chunks,)
+    lens = torch.zeros(len(spans), dtype=torch.long, device=embs.device).index_add_(0, owner, emb_lens)
+    return embs[valid], lens  # chunks are in audio order, so each audio's frames are contiguous and in time order
+
+
 # ----------------------------------------------------------------------------------------------
 # Pretrained encoders: a local .nemo archive, or a transformers Parakeet checkpoint (dir or hub id)
 # ----------------------------------------------------------------------------------------------

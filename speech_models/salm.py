@@ -352,6 +352,15 @@ class SALM(nn.Module):
         """-> valid frames of every audio back to back (sum T_k, H), and T_k (K,)."""
         audio = self._tensor(audios, torch.float32)
         lens = self._tensor(audio_lens, torch.long)
+        chunk = self.cfg.encoder_chunk_size_seconds
+        if (
+            chunk is not None
+            and lens.numel()
+            and int(lens.max()) > chunk * self.perception.cfg.preprocessor.sample_rate
+        ):
+            from speech_models.perception import encode_in_chunks
+
+            return encode_in_chunks(self.perception, audio, lens, chunk)
         embs, emb_lens = self.perception(audio, lens)  # (N_audio, T', H), (N_audio,)
         valid = torch.arange(embs.size(1), device=embs.device)[None, :] < emb_lens[:, None]  # (N_audio, T')
         return embs[valid], emb_lens

@@ -82,6 +82,26 @@ def _move_into_place(tmp: Path, out: Path, builder: str) -> None:
     tmp.rename(out)
 
 
+def build_tokenizer(texts: Iterable[str] = DEFAULT_TINY_CORPUS, vocab_size: int = 1000):
+    """A byte-level BPE tokenizer trained on `texts` (pad, bos, eos, unk special tokens), as a transformers
+    PreTrainedTokenizerFast; it adds no BOS/EOS by itself."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS, UNK],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK)
+
+
 def build_tiny_llm_dir(
     out_dir: str | os.PathLike,
     texts: Iterable[str] = DEFAULT_TINY_CORPUS,
@@ -108,21 +128,9 @@ def build_tiny_llm_dir(
     check_replaceable(out, "llm")
 
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[PAD, BOS, EOS, UNK],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK)
+    hf_tok = build_tokenizer(texts, vocab_size)
 
     config = LlamaConfig(
         vocab_size=len(hf_tok),

@@ -149,6 +149,9 @@ def test_three_mistakes_in_one_file_are_reported_together(tmp_path: Path) -> Non
         ("model.optimizer._target_=os.system", "'os.system' is not an allowed optimizer"),
         ("model.lr_scheduler.max_steps=${trainer.nope}", "model.lr_scheduler.max_steps: cannot resolve interpolation"),
         ("trainer.devices=0", "trainer.devices: 0 must be a positive worker count"),
+        ("trainer.min_nodes=3", "trainer.min_nodes: 3 must be between 1 and trainer.num_nodes (1)"),
+        ("trainer.min_nodes=1", "trainer.min_nodes: elastic training needs a fixed worker count per node"),
+        ("model.encoder_chunk_size_seconds=0", "model.encoder_chunk_size_seconds: 0.0 must be positive"),
     ],
 )
 def test_each_class_of_error_names_the_key(override: str, expected: str) -> None:
@@ -255,3 +258,15 @@ def test_targets_map_nemo_classes_and_refuse_arbitrary_code() -> None:
         "torch.optim.lr_scheduler.LambdaLR",  # takes a Python callable: not configurable from YAML
     ):
         assert "is not an allowed target" in target_problem(evil)
+
+
+def test_elastic_workers_plan_and_off_critical_path_keys() -> None:
+    from orchestrator.training.resources import plan_resources
+
+    cfg = load_experiment(SALM, ["trainer.devices=4", "trainer.num_nodes=4", "trainer.min_nodes=2"]).cfg
+    resources = plan_resources(cfg, {"CPU": 64, "GPU": 8})
+    assert resources.ray_num_workers == (8, 16) and resources.describe().startswith("8..16 x (1 GPU")
+    fixed = plan_resources(load_experiment(SALM, ["trainer.devices=4"]).cfg, {"CPU": 64, "GPU": 8})
+    assert fixed.ray_num_workers == 4
+    problems = problems_of(["trainer.async_validation=true", "exp_manager.create_checkpoint_callback=false"])
+    assert any("trainer.async_validation: validates each checkpoint" in p for p in problems), problems

@@ -64,6 +64,22 @@ def _check_trainer(cfg: ExperimentConfig, problems: list[str]) -> None:
         )
     if t.cpus_per_worker is not None and t.cpus_per_worker <= 0:
         problems.append(f"trainer.cpus_per_worker: {t.cpus_per_worker} must be positive")
+    if t.async_validation and (cfg.data.validation_ds is None or not cfg.exp_manager.create_checkpoint_callback):
+        problems.append(
+            "trainer.async_validation: validates each checkpoint in a task of its own, so it needs "
+            "data.validation_ds and exp_manager.create_checkpoint_callback=true; set both or remove the key"
+        )
+    if t.min_nodes is not None:
+        if not 1 <= t.min_nodes <= t.num_nodes:
+            problems.append(
+                f"trainer.min_nodes: {t.min_nodes} must be between 1 and trainer.num_nodes ({t.num_nodes}); the run "
+                "keeps going with min_nodes x devices workers and grows to num_nodes x devices"
+            )
+        if t.devices == -1:
+            problems.append(
+                "trainer.min_nodes: elastic training needs a fixed worker count per node; give trainer.devices "
+                "(GPUs per node) instead of -1"
+            )
 
 
 def _check_run_dir(cfg: ExperimentConfig, problems: list[str]) -> None:
@@ -160,6 +176,14 @@ def _check_model(cfg: ExperimentConfig, problems: list[str]) -> None:
         problems.append(f"model.speech_decoder.target: {problem}")
     if m.audio_loss_weight < 0 or m.text_loss_weight < 0:
         problems.append("model.audio_loss_weight / text_loss_weight: loss weights must not be negative")
+    chunk = m.encoder_chunk_size_seconds
+    if chunk is not None and chunk <= 0:
+        problems.append(f"model.encoder_chunk_size_seconds: {chunk} must be positive (seconds), or null")
+    if chunk is not None and m.resolved_model_type() != "salm":
+        problems.append(
+            "model.encoder_chunk_size_seconds: only SALM encodes audio in chunks (as in NeMo); duplex models need "
+            "one perception frame per 80 ms of the whole conversation; remove the key"
+        )
 
 
 def _check_conformer(enc: ConformerConfig, path: str, problems: list[str]) -> None:

@@ -39,6 +39,20 @@ class TrainerConfig:
     gradient_clip_val: float | None = 1.0
     # "ddp" | "fsdp2", or NeMo's {_target_: lightning...DDPStrategy, ...} mapping (translated on load)
     strategy: Strategy = "ddp"
+    # NeMo Automodel's key: recompute each LLM decoder layer, encoder Conformer layer and speech decoder layer in
+    # the backward pass instead of keeping its activations (about a third more compute for those layers, and
+    # activation memory of one layer instead of all; bench/README.md has the figures)
+    activation_checkpointing: bool = False
+    # Elastic training (spot nodes): the run starts with at least min_nodes x devices workers and grows to
+    # num_nodes x devices as nodes come back; a lost node shrinks the worker group instead of stopping the run.
+    # Each resize restarts the workers from the latest checkpoint. None: a fixed num_nodes x devices workers.
+    min_nodes: int | None = None
+    # Elastic: how often (seconds) a running worker group checks whether more nodes are back to grow into
+    elastic_resize_interval_s: float = 60.0
+    # Validate each checkpoint in a separate Ray task (on spare resources: a GPU or CPUs as a training worker
+    # has) while the workers train on; its metrics reach MLflow and the checkpoint's ranking when it finishes.
+    # False: every rank stops training to validate (the metrics are there at once, as sweep schedulers need).
+    async_validation: bool = False
     cpus_per_worker: float | None = None  # None: 1 with GPUs; on CPU-only Ray, leave CPUs for Ray Data
     seed: int = 42
 
@@ -51,6 +65,9 @@ class CheckpointCallbackParams:
     mode: Literal["min", "max"] = "min"
     save_top_k: int = 1
     filename: str = "{step}"
+    # Upload checkpoints in a background thread while training goes on (Ray Train's CheckpointUploadMode.ASYNC);
+    # the checkpoint counts once every rank's upload is done (complete.json), as with a synchronous upload
+    async_save: bool = False
     every_n_train_steps: int | None = None
     every_n_epochs: int | None = None
     always_save_nemo: bool = False

@@ -8,7 +8,17 @@ A run directory holds one checkpoint directory per validation; a checkpoint dire
 - `config.yaml`: the resolved experiment config, so the checkpoint alone can rebuild the model;
 - `data_position.rank<R>.json`: where each rank's data stream was, so a resumed run does not re-read the epoch;
 - `complete.json`: written last, once every rank's files are in place (`persist_checkpoint`); it lists every file
-  with its size.
+  with its size;
+- `validation.json`: with `trainer.async_validation`, the metrics of the validation that ran on the checkpoint
+  after it was written (read back as part of `state.json`'s metrics).
+
+FSDP2 runs write the model and optimizer sharded instead (format 3), through `torch.distributed.checkpoint`
+(DCP): each rank writes its own shards (`__<rank>_0.distcp`) and rank 0 the index (`.metadata`), so no rank
+ever gathers the whole model; `trainer_state.pt` then holds only the LR scheduler. DCP reshards on load: a
+sharded checkpoint resumes on another worker count, under DDP, or on one process, and `load_model_weights` /
+`speechlm export` read it into one plain model (and one `model.safetensors`). DCP's index is a pickle: it is
+read with an unpickler that knows only DCP's metadata types, and its non-tensor items with
+`torch.load(weights_only=True)`, as every other file here.
 
 A checkpoint is complete once `complete.json` exists and its files have the sizes it lists: listing, resuming
 and loading skip or refuse anything else, so a checkpoint interrupted mid-write (a driver killed with -9, a node
@@ -45,13 +55,17 @@ from orchestrator.storage.paths import is_url, join
 # speech_generation.*). A version-1 checkpoint (complete once state.json exists) is still listed, but its tensors
 # do not fit today's models: loading it says so.
 FORMAT_VERSION = 2
-READABLE_FORMATS = (FORMAT_VERSION,)
+SHARDED_FORMAT_VERSION = 3  # FSDP2: model and optimizer as DCP shards, any layout of format 2 otherwise
+READABLE_FORMATS = (FORMAT_VERSION, SHARDED_FORMAT_VERSION)
+DCP_METADATA_FILE = ".metadata"  # DCP's index of the shards (written by rank 0)
+DCP_SHARD_SUFFIX = ".distcp"
 WEIGHTS_FILE = "weights.safetensors"
 TRAINER_STATE_FILE = "trainer_state.pt"
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
 DATA_POSITION_PREFIX = "data_position.rank"
 COMPLETE_FILE = "complete.json"
+VALIDATION_FILE = "validation.json"  # metrics of a validation run on the checkpoint after it was written
 CHECKPOINT_DIR = re.compile(r"^step=(\d+)")
 # Every checkpoint file a model needs (a remote checkpoint is copied down for loading).
 _MODEL_FILES = (WEIGHTS_FILE, STATE_FILE, CONFIG_FILE)
@@ -102,6 +116,167 @@ def _kept_model_state(model: torch.nn.Module, full_state: dict[str, torch.Tensor
     return kept
 
 
+# ----------------------------------------------------------------------------------------------
+# Sharded model and optimizer (FSDP2), through torch.distributed.checkpoint
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def is_sharded_checkpoint(directory: Path) -> bool:
+    return (directory / DCP_METADATA_FILE).is_file()
+
+
+# What DCP's `.metadata` pickle may name: its own record types, tensor dtypes and sizes, and a path.
+_DCP_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_DCP_METADATA_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (
+            module in _DCP_METADATA_MODULES
+            or (module, name) in _DCP_METADATA_GLOBALS
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not a type of a DCP checkpoint index")
+        return super().find_class(module, name)
+
+
+def _dcp_reader(directory: Path):
+    """DCP's FileSystemReader, reading the index without unpickling code."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            path = directory / DCP_METADATA_FILE
+            try:
+                with open(path, "rb") as f:
+                    metadata = _MetadataUnpickler(f).load()
+            except pickle.UnpicklingError as exc:
+                raise CheckpointError(
+                    f"{path}: refused to load: {exc}. A checkpoint of this project never holds other objects, so "
+                    "the file was made elsewhere or tampered with; resume from another checkpoint"
+                ) from None
+            except (OSError, EOFError) as exc:
+                raise CheckpointError(_damaged(path, exc)) from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(directory))
+
+
+def _dcp_planner():
+    """DCP's load planner, with its non-tensor items (optimizer hyper-parameters) read as plain data only."""
+    import io
+
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            loaded = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._traverse import set_element  # what DCP's own planner calls
+
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return SafePlanner()
+
+
+def _save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank writes its own shards of the kept model state and of the optimizer state (a collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    model_state, optim_state = get_state_dict(model, optimizer)  # DTensor shards: nothing is gathered
+    kept = _kept_sharded_state(model, model_state)
+    dcp.save({"model": kept, "optimizer": optim_state}, storage_writer=dcp.FileSystemWriter(str(directory)))
+
+
+def _kept_sharded_state(model: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    trainable = trainable_names(model)
+    buffers = {name for name, _ in unwrap(model).named_buffers()}
+    kept = {k: v for k, v in state.items() if k in trainable or k in buffers}
+    missing = trainable - kept.keys()
+    if missing:
+        raise CheckpointError(
+            f"{len(missing)} trainable parameters are missing from the state dict: {sorted(missing)[:3]}"
+        )
+    return kept
+
+
+def _load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Restore model and optimizer from DCP shards into a model wrapped any way (FSDP2 resharded to this world
+    size, DDP, or none): every rank reads the pieces its own state needs."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = _weight_names(directory)
+    missing = trainable_names(model) - saved
+    if missing:
+        raise CheckpointError(
+            f"{directory}: {len(missing)} trainable parameters have no saved tensor (e.g. {sorted(missing)[:3]}); "
+            "the checkpoint was made with another model config; resume from another checkpoint "
+            "(exp_manager.resume_from_checkpoint) or start a new run"
+        )
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": {k: v for k, v in model_state.items() if k in saved}, "optimizer": optim_state}
+    dcp.load(state, storage_reader=_dcp_reader(directory), planner=_dcp_planner())
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(strict=False),
+    )
+
+
+def _sharded_weight_shapes(directory: Path) -> dict[str, Any]:
+    """{parameter or buffer name: DCP tensor metadata} of the model part of a sharded checkpoint."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = _dcp_reader(directory).read_metadata()
+    return {
+        key[len("model.") :]: md
+        for key, md in metadata.state_dict_metadata.items()
+        if key.startswith("model.") and isinstance(md, TensorStorageMetadata)
+    }
+
+
+def _load_sharded_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The model tensors of a sharded checkpoint as whole tensors, in this process alone (export, inference)."""
+    import torch.distributed.checkpoint as dcp
+
+    shapes = _sharded_weight_shapes(directory)
+    tensors = {name: torch.empty(md.size, dtype=md.properties.dtype) for name, md in shapes.items()}
+    try:
+        dcp.load({"model": tensors}, storage_reader=_dcp_reader(directory), planner=_dcp_planner(), no_dist=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(_damaged(directory / f"__0_0{DCP_SHARD_SUFFIX}", exc)) from None
+    return tensors
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing and reading a checkpoint
+# ----------------------------------------------------------------------------------------------
+
+
 def save_checkpoint(
     directory: Path,
     model: torch.nn.Module,
@@ -114,45 +289,88 @@ def save_checkpoint(
 ) -> None:
     """Write this rank's part of a checkpoint into `directory` (rank 0 writes the model and trainer state).
 
-    `get_state_dict` with full_state_dict gathers FSDP2 shards and unwraps DDP, so every rank must call it.
-    The checkpoint is complete only once `mark_complete` has run, after every rank's files are in place: the
-    training loop does that in `persist_checkpoint`, a direct writer (`orchestrator.testing.write_checkpoint`)
-    right after this call.
+    Every rank must call it: under FSDP2 every rank writes its shards through DCP (a collective); under DDP
+    `get_state_dict` unwraps the model and rank 0 writes `weights.safetensors`. The checkpoint is complete only
+    once `mark_complete` has run, after every rank's files are in place: the training loop does that in
+    `persist_checkpoint`, a direct writer (`orchestrator.testing.write_checkpoint`) right after this call.
     """
-    options = StateDictOptions(full_state_dict=True, cpu_offload=False)
-    model_state, optim_state = get_state_dict(model, optimizer, options=options)
     directory.mkdir(parents=True, exist_ok=True)
+    sharded = _is_fsdp(model)
+    if sharded:
+        _save_sharded(directory, model, optimizer)
+    else:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
     if write_model:
-        save_file(_kept_model_state(model, model_state), str(directory / WEIGHTS_FILE))
+        if not sharded:
+            save_file(_kept_model_state(model, model_state), str(directory / WEIGHTS_FILE))
         torch.save(
-            {"optimizer": optim_state, "scheduler": scheduler.state_dict() if scheduler else None},
+            {
+                "optimizer": None if sharded else optim_state,  # sharded: in the DCP shards
+                "scheduler": scheduler.state_dict() if scheduler else None,
+            },
             directory / TRAINER_STATE_FILE,
         )
+        version = SHARDED_FORMAT_VERSION if sharded else FORMAT_VERSION
         (directory / STATE_FILE).write_text(
-            json.dumps({"format_version": FORMAT_VERSION, "step": state.step, "metrics": state.metrics}, indent=2)
+            json.dumps({"format_version": version, "step": state.step, "metrics": state.metrics}, indent=2)
         )
         (directory / CONFIG_FILE).write_text(config_yaml)
     if state.data_position is not None:
         (directory / f"{DATA_POSITION_PREFIX}{rank}.json").write_text(json.dumps(state.data_position))
 
 
-def persist_checkpoint(checkpoint: Any, checkpoint_dir_name: str, rank: int, world: int) -> Any:
+def persist_checkpoint(
+    checkpoint: Any, checkpoint_dir_name: str, rank: int, world: int, in_background: bool = False
+) -> Any:
     """Ray Train's `checkpoint_upload_fn`: upload this rank's files (as Ray's default upload does), wait until
     every rank has uploaded, then rank 0 writes `complete.json`.
 
     Ray registers a checkpoint, and deletes the ones beyond save_top_k, only after every rank's report returns,
     that is after this function: so the marker exists before Ray can delete the previous complete checkpoint,
     and a kill at any moment leaves at least one complete checkpoint behind.
+
+    in_background: the upload runs in Ray's upload thread while training goes on
+    (`exp_manager.checkpoint_callback_params.async_save`), where a collective would race the training's own;
+    each rank then writes `uploaded.rank<R>` after its files, and rank 0 waits for all of them in storage.
     """
     import ray.train
     import torch.distributed as dist
 
     persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, checkpoint_dir_name)
-    if world > 1:
+    if world > 1 and in_background:
+        _mark_uploaded(persisted.path, persisted.filesystem, rank)
+        if rank == 0:
+            _wait_for_uploads(persisted.path, persisted.filesystem, world)
+    elif world > 1:
         dist.barrier()  # every rank's files (its data position) are uploaded
     if rank == 0:
         mark_complete(persisted.path, persisted.filesystem)
     return persisted
+
+
+UPLOADED_PREFIX = "uploaded.rank"
+UPLOAD_WAIT_S = 3600.0
+
+
+def _mark_uploaded(path: str, fs: pafs.FileSystem, rank: int) -> None:
+    with fs.open_output_stream(f"{path.rstrip('/')}/{UPLOADED_PREFIX}{rank}") as out:
+        out.write(b"")
+
+
+def _wait_for_uploads(path: str, fs: pafs.FileSystem, world: int, timeout_s: float = UPLOAD_WAIT_S) -> None:
+    import time
+
+    expected = {f"{UPLOADED_PREFIX}{r}" for r in range(world)}
+    deadline = time.monotonic() + timeout_s
+    while not expected <= set(_file_sizes(fs, path)):
+        if time.monotonic() > deadline:
+            missing = sorted(expected - set(_file_sizes(fs, path)))
+            raise CheckpointError(
+                f"checkpoint {path}: {missing} did not appear within {timeout_s:.0f} s, so not every rank uploaded "
+                "its files; the checkpoint stays incomplete (resume uses the one before)"
+            )
+        time.sleep(0.5)
 
 
 def _file_sizes(fs: pafs.FileSystem, inner: str) -> dict[str, int]:
@@ -207,6 +425,8 @@ def require_complete(path: str) -> None:
 
 
 def _load_weights(directory: Path) -> dict[str, torch.Tensor]:
+    if is_sharded_checkpoint(directory):
+        return _load_sharded_weights(directory)
     path = directory / WEIGHTS_FILE
     try:
         return load_file(str(path))
@@ -217,6 +437,8 @@ def _load_weights(directory: Path) -> dict[str, torch.Tensor]:
 def _weight_names(directory: Path) -> set[str]:
     from safetensors import safe_open
 
+    if is_sharded_checkpoint(directory):
+        return set(_sharded_weight_shapes(directory))
     path = directory / WEIGHTS_FILE
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -279,22 +501,30 @@ def load_checkpoint(
     scheduler: Any,
     rank: int,
 ) -> TrainingState:
-    """Restore model, optimizer and scheduler in place (works for DDP- and FSDP2-wrapped models)."""
+    """Restore model, optimizer and scheduler in place, whichever way the model is wrapped (DDP, FSDP2, none) and
+    whichever way the checkpoint was written (full or sharded)."""
     state = read_saved_state(str(directory))
     require_complete(str(directory))
-    saved_weights = _load_weights(directory)
-    missing = trainable_names(model) - saved_weights.keys()
-    if missing:
-        raise CheckpointError(
-            f"{directory}: {len(missing)} trainable parameters have no saved tensor (e.g. {sorted(missing)[:3]}); "
-            "the checkpoint is incomplete or was made with another model config; resume from another checkpoint "
-            "(exp_manager.resume_from_checkpoint) or start a new run"
-        )
     trainer_state = _load_trainer_state(directory)
-    options = StateDictOptions(full_state_dict=True, strict=False)
-    set_state_dict(
-        model, optimizer, model_state_dict=saved_weights, optim_state_dict=trainer_state["optimizer"], options=options
-    )
+    if is_sharded_checkpoint(directory):
+        _load_sharded(directory, model, optimizer)
+    else:
+        saved_weights = _load_weights(directory)
+        missing = trainable_names(model) - saved_weights.keys()
+        if missing:
+            raise CheckpointError(
+                f"{directory}: {len(missing)} trainable parameters have no saved tensor (e.g. "
+                f"{sorted(missing)[:3]}); the checkpoint is incomplete or was made with another model config; resume "
+                "from another checkpoint (exp_manager.resume_from_checkpoint) or start a new run"
+            )
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=saved_weights,
+            optim_state_dict=trainer_state["optimizer"],
+            options=options,
+        )
     if scheduler is not None and trainer_state["scheduler"] is not None:
         scheduler.load_state_dict(trainer_state["scheduler"])
     position_file = directory / f"{DATA_POSITION_PREFIX}{rank}.json"
@@ -372,7 +602,18 @@ def read_saved_state(path: str) -> dict[str, Any]:
         )
     if version not in READABLE_FORMATS:
         raise CheckpointError(f"{path}: checkpoint format {version} is not one of {READABLE_FORMATS}")
+    validation_path = join(path, VALIDATION_FILE)
+    if filesystems.is_file(validation_path):  # validated after it was written (trainer.async_validation)
+        with contextlib.suppress(ValueError):
+            state.setdefault("metrics", {}).update(json.loads(filesystems.read_text(validation_path)))
     return state
+
+
+def write_validation_metrics(path: str, filesystem: pafs.FileSystem, metrics: dict[str, float]) -> None:
+    """Add the metrics of a validation that ran after the checkpoint was written (a file of its own: the files
+    `complete.json` lists stay as they were)."""
+    with filesystem.open_output_stream(f"{path.rstrip('/')}/{VALIDATION_FILE}") as out:
+        out.write(json.dumps(metrics, indent=1, sort_keys=True).encode())
 
 
 def read_saved_config(path: str) -> dict[str, Any]:
@@ -415,8 +656,16 @@ def local_copy(path: str) -> Iterator[Path]:
     if not is_url(path):
         yield Path(path)
         return
+    names = list(_MODEL_FILES)
+    if filesystems.exists(join(path, DCP_METADATA_FILE)):  # sharded: the index and every rank's shards
+        shards = filesystems.list_names(path, prefix="__")
+        names = (
+            [n for n in names if n != WEIGHTS_FILE]
+            + [DCP_METADATA_FILE]
+            + [n for n in shards if n.endswith(DCP_SHARD_SUFFIX)]
+        )
     with tempfile.TemporaryDirectory(prefix="speechlm-ckpt-") as tmp:
-        for name in _MODEL_FILES:
+        for name in names:
             (Path(tmp) / name).write_bytes(filesystems.read_bytes(join(path, name)))
         yield Path(tmp)
 

@@ -497,6 +497,12 @@ def reported_metrics(cfg: ExperimentConfig) -> list[str]:
 
 
 def _check_metric(spec: SweepSpec, cfg: ExperimentConfig, problems: list[str]) -> None:
+    if cfg.trainer.async_validation:
+        problems.append(
+            f"trainer.async_validation: true validates in a task beside training, whose metrics reach the "
+            f"checkpoints but not the sweep's scheduler ({spec.metric!r} must arrive with each report); set it "
+            "false in the base config or in the sweep's overrides"
+        )
     if cfg.data.validation_ds is None:
         problems.append(
             f"metric: {spec.metric!r} comes from validation, but the base config has no data.validation_ds; "

@@ -151,8 +151,7 @@ def run_training(
     resources = plan_resources(cfg, ray.cluster_resources())
     print(
         redact(
-            f"run dir: {directory}\nworkers: {resources.num_workers} x "
-            f"({'1 GPU, ' if resources.use_gpu else ''}{resources.cpus_per_worker:g} CPU)"
+            f"run dir: {directory}\nworkers: {resources.describe()}"
             + (f"\nresuming from {resume_from}" if resume_from else "")
         ),
         flush=True,
@@ -211,11 +210,22 @@ def run_training(
         resume_from=_checkpoint_at(resume_from) if resume_from else None,
         data_resume_board=board,
     )
+    validation_config = None
+    if cfg.trainer.async_validation and has_validation:
+        from orchestrator.training.validation import CheckpointValidator
+
+        # the validation task asks for what a training worker has: where there is none spare, it waits for one
+        task_resources = {"num_cpus": resources.cpus_per_worker, "num_gpus": 1 if resources.use_gpu else 0}
+        validation_config = ray.train.ValidationConfig(
+            fn=CheckpointValidator(cfg, entry, list(val_collators), tracking_uri, run_id),
+            ray_remote_kwargs=task_resources,
+        )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"settings": settings},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=resources.num_workers,
+            num_workers=resources.ray_num_workers,
+            elastic_resize_monitor_interval_s=cfg.trainer.elastic_resize_interval_s,
             use_gpu=resources.use_gpu,
             resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": 1} if resources.use_gpu else {})},
         ),
@@ -229,6 +239,7 @@ def run_training(
         ),
         datasets=datasets,
         dataset_config=ray_data_config(list(datasets)),
+        validation_config=validation_config,
     )
     error = None
     try:

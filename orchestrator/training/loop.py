@@ -39,9 +39,11 @@ from orchestrator.storage.checkpoints import (
     unwrap,
 )
 from orchestrator.tracking.mlflow_runs import MetricsLogger
+from orchestrator.training.parallel import full_parameters, gradient_sync, wrap_for_distribution
 from orchestrator.training.progress import format_progress
-from orchestrator.training.validation import run_validation
+from orchestrator.training.validation import format_validation, run_validation
 from orchestrator.training.worker_io import keep_freed_memory_in_heap, say, to_device
+from speech_models.memory import apply_activation_checkpointing
 from speech_models.precision import setup_precision
 from speech_models.registry import ModelEntry
 
@@ -66,25 +68,6 @@ class LoopSettings:
 
 
 # ----------------------------------------------------------------------------------------------- set-up
-
-
-def wrap_for_distribution(model: torch.nn.Module, strategy: str, device: torch.device) -> torch.nn.Module:
-    """DDP (default) or FSDP2 across the Ray Train worker group; nothing with a single worker."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return model
-    if strategy == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
-
-        # Shard each transformer block of the LLM, then the rest: the usual FSDP2 recipe.
-        for module in model.modules():
-            if type(module).__name__.endswith("DecoderLayer"):
-                fully_shard(module)
-        return fully_shard(model)
-    device_ids = [device.index] if device.type == "cuda" else None
-    # No buffer broadcast: some buffers grow with the input length (relative positional tables), so their
-    # sizes differ between ranks and a broadcast would crash gloo/NCCL. BatchNorm statistics stay per rank;
-    # checkpoints take rank 0's.
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
 def setup_optimizer(model: torch.nn.Module, cfg: ExperimentConfig):
@@ -168,7 +151,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model = settings.model.build(cfg.model, cfg.data).to(device)
     autocast = setup_precision(model, cfg.trainer.precision, device)
-    model = wrap_for_distribution(model, cfg.trainer.strategy, device)
+    if cfg.trainer.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    model = wrap_for_distribution(model, cfg.trainer.strategy, device, cfg.trainer.precision)
     optimizer, scheduler = setup_optimizer(model, cfg)
 
     state, consumed = TrainingState(), None
@@ -203,13 +188,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             say(f"data exhausted after {cfg.trainer.max_epochs} epoch(s) at step {state.step}")
             break
         for index, (batch, meta) in enumerate(micro_batches):
-            sync = index == len(micro_batches) - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
-            with contextlib.nullcontext() if sync else model.no_sync(), autocast():
+            with gradient_sync(model, index == len(micro_batches) - 1), autocast():
                 out = model(to_device(batch, device))
             (out["loss"] / len(micro_batches)).backward()
             _accumulate(stats, out, meta, len(micro_batches))
         clip = cfg.trainer.gradient_clip_val
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip if clip else math.inf)
+        grad_norm = clip_gradients(trainable, clip)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
@@ -237,6 +221,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         report_validation_and_checkpoint(run)
     if rank == 0:
         say(f"training finished at step {state.step}")
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """Clip the global gradient norm (over every rank's shards under FSDP2) to `max_norm`; return the norm."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
+    if hasattr(norm, "full_tensor"):  # a DTensor (FSDP2): the norm of the whole gradient, the same on every rank
+        norm = norm.full_tensor()
+    return float(norm)
 
 
 def _next_micro_batches(batches: Iterator, accumulate: int, stats: IntervalStats) -> list | None:
@@ -328,21 +320,22 @@ def consumed_data_position(stream: BatchStream, world: int) -> DataPosition:
 
 
 def report_validation_and_checkpoint(run: WorkerRun) -> None:
-    """Validate every set, log the metrics, and report them to Ray Train together with a checkpoint."""
+    """Validate every set (here, or in a Ray task of its own with trainer.async_validation), log the metrics, and
+    report them to Ray Train together with a checkpoint."""
     cfg, state = run.cfg, run.state
     metrics: dict[str, float] = {"step": float(state.step)}
     average_buffers(run.unwrapped, run.world)  # every rank validates, and rank 0 saves, the same BatchNorm statistics
-    if run.settings.validation_sets:
+    validate_beside = cfg.trainer.async_validation and bool(run.settings.validation_sets)
+    if run.settings.validation_sets and not validate_beside:
         run.unwrapped.eval()
-        with torch.no_grad(), run.autocast():
+        with torch.no_grad(), full_parameters(run.model), run.autocast():
             metrics.update(
                 run_validation(
                     run.unwrapped, run.settings.model, run.settings.validation_sets, cfg, run.rank, run.world
                 )
             )
         if run.rank == 0:
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("val_") and k.count("_") <= 2)
-            say(f"validation at step {state.step}: {shown}")
+            say(format_validation(state.step, metrics))
         if run.metrics_logger:
             run.metrics_logger.log(metrics, state.step)
     state.metrics = metrics
@@ -350,14 +343,26 @@ def report_validation_and_checkpoint(run: WorkerRun) -> None:
         ray.train.report(metrics)
         return
     state.data_position = consumed_data_position(run.stream, run.world).to_dict()
-    with tempfile.TemporaryDirectory() as tmp:
+    params = cfg.exp_manager.checkpoint_callback_params
+    reported = dict(metrics)
+    if validate_beside:  # a placeholder until the validation task reports (Ray ranks checkpoints by it)
+        reported[params.monitor] = math.nan
+    # A background upload reads the files after this function returns: Ray deletes the directory once uploaded.
+    directory = tempfile.mkdtemp(prefix="speechlm-ckpt-") if params.async_save else None
+    with contextlib.nullcontext(directory) if directory else tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(
             Path(tmp), run.model, run.optimizer, run.scheduler, state, to_yaml(cfg), run.rank == 0, run.rank
         )
         ray.train.report(
-            metrics,
+            reported,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=checkpoint_dir_name(state.step, cfg.exp_manager.checkpoint_callback_params.filename),
+            checkpoint_dir_name=checkpoint_dir_name(state.step, params.filename),
             # uploads, then marks the checkpoint complete once every rank's files are in place
-            checkpoint_upload_fn=functools.partial(persist_checkpoint, rank=run.rank, world=run.world),
+            checkpoint_upload_fn=functools.partial(
+                persist_checkpoint, rank=run.rank, world=run.world, in_background=params.async_save
+            ),
+            checkpoint_upload_mode=(
+                ray.train.CheckpointUploadMode.ASYNC if params.async_save else ray.train.CheckpointUploadMode.SYNC
+            ),
+            validation=validate_beside,
         )

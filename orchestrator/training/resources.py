@@ -10,15 +10,25 @@ from orchestrator.config.errors import ConfigError
 
 @dataclass
 class Resources:
-    num_workers: int
+    num_workers: int  # the most workers (elastic) or the fixed count
     use_gpu: bool
     cpus_per_worker: float
     threads_per_worker: int
+    min_workers: int | None = None  # elastic (trainer.min_nodes): the run goes on with as few as this
+
+    @property
+    def ray_num_workers(self) -> int | tuple[int, int]:
+        """ScalingConfig(num_workers=...): a (min, max) pair makes Ray Train's worker group elastic."""
+        return (self.min_workers, self.num_workers) if self.min_workers is not None else self.num_workers
+
+    def describe(self) -> str:
+        count = f"{self.min_workers}..{self.num_workers}" if self.min_workers is not None else f"{self.num_workers}"
+        return f"{count} x ({'1 GPU, ' if self.use_gpu else ''}{self.cpus_per_worker:g} CPU)"
 
 
 def plan_resources(cfg: ExperimentConfig, cluster: dict[str, float]) -> Resources:
-    """workers = devices x num_nodes; GPU when asked (or available with accelerator auto); on CPU-only
-    machines workers take fractional CPUs so Ray Data keeps CPUs to decode audio."""
+    """workers = devices x num_nodes (elastic down to devices x min_nodes); GPU when asked (or available with
+    accelerator auto); on CPU-only machines workers take fractional CPUs so Ray Data keeps CPUs to decode audio."""
     t = cfg.trainer
     gpus = int(cluster.get("GPU", 0))
     use_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and gpus > 0)
@@ -40,4 +50,6 @@ def plan_resources(cfg: ExperimentConfig, cluster: dict[str, float]) -> Resource
         # Half the CPUs for training, half for Ray Data; at least a sliver so workers can be scheduled.
         cpus_per_worker = max(0.25, min(1.0, cpus / (2 * num_workers)))
     threads = max(1, round(cpus_per_worker) if use_gpu else int(max(1, cpus // (2 * num_workers))))
-    return Resources(num_workers, use_gpu, cpus_per_worker, threads)
+    elastic = t.min_nodes is not None and t.min_nodes < t.num_nodes and t.devices > 0
+    min_workers = t.devices * t.min_nodes if elastic else None
+    return Resources(num_workers, use_gpu, cpus_per_worker, threads, min_workers)
