@@ -13,6 +13,7 @@ import logging
 import math
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,8 +80,11 @@ def wrap_for_distribution(model: torch.nn.Module, strategy: str, device: torch.d
     device_ids = [device.index] if device.type == "cuda" else None
     # No buffer broadcast: some buffers grow with the input length (relative positional tables), so their
     # sizes differ between ranks and a broadcast would crash gloo/NCCL. BatchNorm statistics stay per rank;
-    # checkpoints take rank 0's.
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    # checkpoints take rank 0's. torch 2.13 deprecates broadcast_buffers for forward_sync_buffers, which still
+    # syncs buffers at init; its own warning says to keep broadcast_buffers=False until init_sync_buffers exists.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
 def setup_optimizer(model: torch.nn.Module, cfg: ExperimentConfig):
