@@ -93,10 +93,11 @@ def _add_command_groups(sub: argparse._SubParsersAction) -> None:
     """Command groups that live in their own modules (data, sweep, eval/infer/export), each registering its
     own arguments; they import their heavy dependencies only when their command runs."""
     from orchestrator.cli.data import register as register_data
+    from orchestrator.cli.init_config import register as register_init_config
     from orchestrator.cli.models import register as register_models
     from orchestrator.cli.sweep import register as register_sweep
 
-    for register in (register_data, register_sweep, register_models):
+    for register in (register_init_config, register_data, register_sweep, register_models):
         register(sub)
 
 
