@@ -5,7 +5,10 @@ here, each kind for a reason given below; `speechlm --verbose COMMAND` (or SPEEC
 again, with debug logging.
 
 - On this process (the driver): Ray's token-auth notice (a local instance uses token auth by default: nothing
-  to do), MLflow creating its database tables, and deprecation/future warnings raised outside this project.
+  to do) and its "Started a local Ray instance" line (the driver prints the dashboard's address itself), MLflow
+  creating its database tables, the duration bins estimated for bucketing, transformers' "Loading weights" bars
+  and trainable-parameter counts of models loaded to infer or export, and deprecation/future warnings raised
+  outside this project.
 - From Ray's worker processes (printed here by Ray's log monitor): Ray Train's worker-group start-up, Ray Data's
   per-dataset execution plans, a core_worker error line about PreemptionWatcher's restart policy (Ray's
   issue 53727: harmless), Ray Train's note that a run snapshot was found (the driver says which checkpoint it
@@ -83,11 +86,22 @@ def configure(verbose_flag: bool) -> None:
         return
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     logging.getLogger("ray._private.worker").setLevel(logging.WARNING)  # "Started a local Ray instance"
+    logging.getLogger("orchestrator.data.plan").setLevel(logging.WARNING)  # estimated bucket bins: --verbose
+    logging.getLogger("speech_models.freezing").setLevel(logging.WARNING)  # trainable counts, when not training
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
         warnings.filterwarnings("default", category=category, module=r"(orchestrator|speech_models)(\.|$)")
+
+
+def quiet_model_loading() -> None:
+    """For commands that load models in this process (eval, infer, export): no "Loading weights" bars."""
+    if verbose():
+        return
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
 
 def filter_ray_worker_logs() -> bool:

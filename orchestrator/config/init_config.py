@@ -168,6 +168,7 @@ def _has_cuda() -> bool:
 
 
 def _set_hardware(trainer: dict[str, Any], gpu: bool) -> None:
+    trainer["strategy"] = "ddp"  # NeMo's Lightning DDPStrategy block: its options have no Ray Train equivalent
     if gpu:
         trainer.update(accelerator="gpu", devices=-1, precision="bf16-true")
     else:

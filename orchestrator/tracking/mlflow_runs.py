@@ -362,7 +362,21 @@ def ui_command(tracking_uri: str) -> str:
     """The command a user runs to browse this tracking store."""
     if tracking_uri.startswith(("http://", "https://", "databricks")):
         return redact(f"open {tracking_uri}")
-    return redact(f"mlflow ui --backend-store-uri {tracking_uri} --port 5000   # then open http://127.0.0.1:5000")
+    return redact(
+        f"{mlflow_program()} ui --backend-store-uri {tracking_uri} --port 5000   # then open http://127.0.0.1:5000"
+    )
+
+
+def mlflow_program() -> str:
+    """`mlflow` when it is on PATH, else the full path of the one beside this Python (a venv not activated, as
+    after `make demo`), so the printed command works when pasted."""
+    import shutil
+    import sys
+
+    if shutil.which("mlflow"):
+        return "mlflow"
+    beside = Path(sys.executable).with_name("mlflow")
+    return str(beside) if beside.is_file() else "mlflow"
 
 
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # a user-chosen ./mlruns store keeps working on 3.13+

@@ -323,10 +323,11 @@ def print_summary(result: TrainingResult, entry: ModelEntry) -> None:
         if entry.text_metric is not None:
             key = f"val_{entry.text_metric.name}"
             history = mlflow_runs.metric_history(result.tracking_uri, result.mlflow_run_id, key)
+            label = f"{key}:".ljust(18)
             if len(history) == 1:  # one validation: nothing to compare it with
-                lines.append(f"{key}:          {history[0][1]:.3f} at step {history[0][0]}")
+                lines.append(f"{label}{history[0][1]:.3f} at step {history[0][0]}")
             elif history:
                 (first_step, first), (last_step, last) = history[0], history[-1]
-                lines.append(f"{key}:          {first:.3f} at step {first_step} -> {last:.3f} at step {last_step}")
+                lines.append(f"{label}{first:.3f} at step {first_step} -> {last:.3f} at step {last_step}")
     lines.append("=" * 80)
     print(redact("\n".join(lines)), flush=True)
