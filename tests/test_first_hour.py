@@ -171,17 +171,14 @@ def test_mlflow_params_of_a_resumed_run_say_what_changed(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = {"trainer.max_steps": 400, "model.lora.r": 8}
     first = mlflow_runs.start_or_resume_run(uri, "e", str(tmp_path / "run"), "r", params, {})
-    again = mlflow_runs.start_or_resume_run(
-        uri, "e", str(tmp_path / "run"), "r", {**params, "trainer.max_steps": 800, "data.new_option": 1}, {}, resumed_at=400
-    )
+    resumed = {**params, "trainer.max_steps": 800, "data.new_option": 1}
+    again = mlflow_runs.start_or_resume_run(uri, "e", str(tmp_path / "run"), "r", resumed, {}, resumed_at=400)
     assert again == first
     logged = mlflow.MlflowClient(uri).get_run(first).data.params
     assert logged["resumed_at_step_400/trainer.max_steps"] == "800" and logged["data.new_option"] == "1"
     assert logged["trainer.max_steps"] == "400"  # MLflow params are write-once
     # the same resume once more (e.g. after a crash) logs nothing new and does not fail
-    mlflow_runs.start_or_resume_run(
-        uri, "e", str(tmp_path / "run"), "r", {**params, "trainer.max_steps": 800, "data.new_option": 1}, {}, resumed_at=400
-    )
+    mlflow_runs.start_or_resume_run(uri, "e", str(tmp_path / "run"), "r", resumed, {}, resumed_at=400)
 
 
 def test_the_summary_of_a_single_validation_has_no_arrow(capsys, monkeypatch):
