@@ -132,7 +132,7 @@ def environment() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", RAY_AUTH_MODE="disabled")
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
     env.pop("SPEECHLM_VERBOSE", None)
     return env
 
@@ -153,10 +153,16 @@ def run_blocks(blocks: list[tuple[str, str]], cwd: Path, stand_ins: dict[str, st
         else:
             continue
         for command in commands:
-            done = subprocess.run(
-                ["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+            done = subprocess.run(  # one stream, unbuffered: the terminal's order of lines
+                ["bash", "-c", command],
+                cwd=cwd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=900,
             )
-            output = done.stdout + done.stderr
+            output = done.stdout
             assert done.returncode == 0, f"README command failed ({done.returncode}): {command}\n{output[-4000:]}"
             outputs[command] = output
     return outputs
