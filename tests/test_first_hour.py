@@ -243,11 +243,14 @@ def test_ray_noise_is_filtered_and_everything_else_kept():
     ]
 
 
-def test_verbose_brings_everything_back(monkeypatch):
+def test_verbose_brings_everything_back(capsys, monkeypatch, demo_overrides):
     from orchestrator import console
 
-    monkeypatch.setenv(console.VERBOSE_ENV, "1")
-    assert console.filter_ray_worker_logs() is False
+    monkeypatch.setenv(console.VERBOSE_ENV, "0")  # restored after the test
+    assert not console.verbose()
+    # where a user types it: after the command and its config
+    assert run_cli(capsys, "validate", str(DEMO_SALM), "--verbose", *demo_overrides)[0] == 0
+    assert console.verbose() and console.filter_ray_worker_logs() is False  # Ray's output left as it is
 
 
 def test_ddp_setup_raises_no_warning_of_this_project(monkeypatch):

@@ -103,6 +103,10 @@ def _add_command_groups(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --verbose is taken after the command too (`speechlm train my.yaml --verbose`), where a user adds it.
+    verbose = "--verbose" in argv[1:]
+    argv = argv[:1] + [a for a in argv[1:] if a != "--verbose"]
     # Overrides may also follow a flag (`speechlm sweep SPEC --smoke num_samples=2`), which argparse alone
     # rejects: whatever it leaves over is taken as more overrides when the command has them.
     args, leftover = parser.parse_known_args(argv)
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(getattr(args, "overrides", None), list) or any(a.startswith("-") for a in leftover):
             parser.error(f"unrecognized arguments: {' '.join(leftover)}")
         args.overrides.extend(leftover)
-    console.configure(args.verbose)
+    console.configure(args.verbose or verbose)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
