@@ -113,6 +113,22 @@ def test_hub_ids_offline_are_a_warning_and_online_the_hub_decides(capsys, monkey
     assert run_cli(capsys, "validate", str(DEMO_SALM), *hub_llm)[0] == 0
 
 
+def test_an_adapter_narrower_than_the_encoder_is_named_before_ray(capsys, tmp_path, shar, llm):
+    from speech_models.testing import build_tiny_parakeet_dir
+
+    asr = build_tiny_parakeet_dir(tmp_path / "parakeet")  # 32 wide; configs/salm.yaml's adapter expects 1024
+    base = [
+        f"model.pretrained_llm={llm}",
+        f"model.pretrained_asr={asr}",
+        f"data.train_ds.input_cfg.0.shar_path={shar}",
+        f"data.validation_ds.datasets.val_set_0.input_cfg.0.shar_path={shar}",
+    ]
+    code, _, err = run_cli(capsys, "validate", str(SALM), *base)
+    assert code == 2 and "modality_adapter.feat_in: 1024, but the encoder of" in err and "outputs 32" in err
+    fixed = [*base, "model.perception.modality_adapter.feat_in=32", "model.perception.modality_adapter.d_model=32"]
+    assert run_cli(capsys, "validate", str(SALM), *fixed)[0] == 0
+
+
 # ------------------------------------------------------------------------------- 2. shortened runs
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from orchestrator.config.errors import ConfigError
+from orchestrator.config.sources import encoder_width
 from orchestrator.config.yaml_files import read_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -113,23 +114,6 @@ def _set_adapter_width(model: dict[str, Any], notes: list[str]) -> None:
         )
         return
     adapter["feat_in"] = adapter["d_model"] = width
-
-
-def encoder_width(asr: str) -> int | None:
-    """The hidden size of a pretrained encoder that can be read from here (a local dir or .nemo, or a hub id in
-    the local Hugging Face cache), else None. Reads configs only, never weights, never the network."""
-    from huggingface_hub import try_to_load_from_cache
-
-    local = Path(asr).expanduser()
-    if not local.exists() and not isinstance(try_to_load_from_cache(asr, "config.json"), str):
-        return None
-    try:
-        from speech_models.perception import load_pretrained_asr
-
-        encoder = load_pretrained_asr(str(local) if local.exists() else asr, with_weights=False).encoder
-    except Exception:  # not an encoder this project reads: `validate` names the problem
-        return None
-    return int(encoder["feat_out"]) if encoder.get("feat_out", -1) > 0 else int(encoder["d_model"])
 
 
 def _set_data(data: dict[str, Any], model: str, train: str, val: str, prompt: str | None) -> None:

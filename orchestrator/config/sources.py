@@ -11,6 +11,7 @@ Object storage is checked offline (see `filesystems.s3_credentials_visible`).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ def source_problems(cfg: ExperimentConfig, notes: list[str] | None = None) -> li
             problem, note = model_source_problem(value, needs_config=name != "scoring_asr")
             problems += [f"model.{name}: {problem}"] if problem else []
             notes += [f"model.{name}: {note}"] if note else []
+    problems += adapter_width_problems(cfg)
     for key in ("explicit_log_dir", "exp_dir"):
         value = getattr(cfg.exp_manager, key)
         if value and is_url(value) and (problem := url_problem(value)):
@@ -101,6 +103,49 @@ def model_source_problem(value: str, needs_config: bool = True) -> tuple[str | N
     return hub_id_problem(value)
 
 
+def adapter_width_problems(cfg: ExperimentConfig) -> list[str]:
+    """The modality adapter reads the pretrained encoder's output, so its feat_in must be that encoder's width;
+    checked when the encoder's config can be read from here (see `encoder_width`)."""
+    m = cfg.model
+    adapter = m.perception.modality_adapter
+    if adapter is None or not m.pretrained_asr or not m.pretrained_weights or is_url(m.pretrained_asr):
+        return []
+    own = m.perception.encoder.feat_out
+    width = own if own and own > 0 else encoder_width(m.pretrained_asr)
+    if width is None or width == adapter.feat_in:
+        return []
+    return [
+        f"model.perception.modality_adapter.feat_in: {adapter.feat_in}, but the encoder of {m.pretrained_asr!r} "
+        f"outputs {width} features; set model.perception.modality_adapter.feat_in={width} (`speechlm init-config` "
+        "sets it from the encoder)"
+    ]
+
+
+def encoder_width(asr: str) -> int | None:
+    """The output width of a pretrained encoder whose config can be read from here (a local dir or .nemo, or a hub
+    id in the local Hugging Face cache), else None. Reads configs only, never weights, never the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    local = Path(local_path(asr)).expanduser()
+    if not local.exists():
+        if _is_local_path(asr):
+            return None
+        try:
+            cached = try_to_load_from_cache(asr, "config.json")
+        except Exception:  # not a valid hub id: reported by model_source_problem
+            return None
+        if not isinstance(cached, str):
+            return None
+        local = Path(cached).parent  # the cached snapshot: read as a directory, so nothing asks the hub
+    try:
+        from speech_models.perception import load_pretrained_asr
+
+        encoder = load_pretrained_asr(str(local), with_weights=False).encoder
+    except Exception:  # not an encoder this project reads: building the model names the problem
+        return None
+    return int(encoder["feat_out"]) if encoder.get("feat_out", -1) > 0 else int(encoder["d_model"])
+
+
 def _nearest_existing(path: Path) -> str:
     parent = next((p for p in path.parents if p.exists()), None)
     return f" (the nearest existing directory is {parent})" if parent and str(parent) not in (".", "/") else ""
@@ -133,8 +178,10 @@ def hub_id_problem(repo_id: str) -> tuple[str | None, str | None]:
 _OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
+@functools.lru_cache(maxsize=64)
 def hub_says_exists(repo_id: str, timeout: float = 5.0) -> bool | None:
-    """True/False as the hub answers (a gated repo exists); None when it cannot be asked (no network, a proxy)."""
+    """True/False as the hub answers (a gated repo exists); None when it cannot be asked (no network, a proxy).
+    Asked once per process: a sweep checks the same base config for every trial."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
