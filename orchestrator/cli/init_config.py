@@ -43,7 +43,7 @@ def cmd_init_config(args: argparse.Namespace) -> int:
         warn(note)
     t = loaded.cfg.trainer
     print(
-        f"wrote {out}: {args.model} on {args.train} (validation: {args.val}), LLM {loaded.cfg.model.pretrained_llm}, "
+        f"wrote {out} from {starter.base.name}: {args.train} (validation: {args.val}), LLM {loaded.cfg.model.pretrained_llm}, "
         f"{t.max_steps} steps on {'GPU' if t.accelerator == 'gpu' else 'CPU'}\n"
         f"next: speechlm train {out}"
     )
@@ -66,11 +66,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     init = subparsers.add_parser(
         "init-config",
         help="write a ready-to-train config for your data (Shar dirs), LLM and encoder",
-        description="Write a config from the shipped one for MODEL with your data, LLM and encoder set, the "
+        description="Write a config from configs/BASE.yaml with your data, LLM and encoder set, the "
         "adapter sized to the encoder, validation every max_steps/10 and warmup as a fraction of the run, for the "
         "GPUs of this machine (or one CPU worker). It is checked like `speechlm validate` before it is written.",
     )
-    init.add_argument("model", choices=["salm", "s2s_duplex", "s2s_duplex_speech_decoder"])
+    from orchestrator.config.init_config import shipped_configs
+
+    init.add_argument("model", metavar="BASE", choices=shipped_configs(), help="configs/BASE.yaml: %(choices)s")
     init.add_argument("--train", required=True, help="training Shar directory (speechlm data shar --out ...)")
     init.add_argument("--val", required=True, help="validation Shar directory; its name names the val metrics")
     init.add_argument("--out", required=True, help="the config file to write")

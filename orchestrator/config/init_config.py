@@ -18,16 +18,14 @@ from typing import Any
 import yaml
 
 from orchestrator.config.errors import ConfigError
-from orchestrator.config.sources import encoder_width
 from orchestrator.config.yaml_files import read_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-# model type -> the shipped config a starter config is written from (NeMo's keys and defaults)
-BASE_CONFIGS = {
-    "salm": "salm.yaml",
-    "s2s_duplex": "s2s_duplex.yaml",
-    "s2s_duplex_speech_decoder": "s2s_duplex_speech_decoder.yaml",
-}
+
+
+def shipped_configs() -> list[str]:
+    """The configs a starter config can be written from: configs/<name>.yaml (NeMo's keys and defaults)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
 @dataclass
@@ -40,7 +38,7 @@ class StarterConfig:
 
 
 def starter_config(
-    model: str,
+    base: str,
     train: str,
     val: str,
     *,
@@ -54,40 +52,44 @@ def starter_config(
     max_steps: int = 1000,
     gpu: bool | None = None,
 ) -> StarterConfig:
-    """The shipped config of `model` pointed at Shar sets `train` and `val` (made absolute: a config is read from
-    other directories, and by Ray workers), with the given pretrained parts; None keeps the shipped one.
+    """configs/<base>.yaml pointed at Shar sets `train` and `val` (made absolute: a config is read from other
+    directories, and by Ray workers), with the given pretrained parts; None keeps the shipped one. What depends on
+    the model (a text prompt, a codec, the metric to keep checkpoints by) comes from its registry entry.
 
     gpu: None = whatever this machine has (GPU workers in bf16 if CUDA is visible, else one CPU worker in fp32).
     """
-    if model not in BASE_CONFIGS:
-        raise ConfigError([f"model {model!r} is not one of {', '.join(BASE_CONFIGS)}"], "init-config")
-    base = CONFIG_DIR / BASE_CONFIGS[model]
-    if not base.is_file():
-        raise ConfigError(
-            [f"{base} is missing (init-config writes from the configs/ of a source checkout)"], "init-config"
-        )
-    data = copy.deepcopy(read_yaml(base))
+    from orchestrator.config.loader import experiment_from_dict
+    from speech_models.registry import entry_for
+
+    path = CONFIG_DIR / f"{base}.yaml"
+    if not path.is_file():
+        choices = ", ".join(shipped_configs()) or f"none: {CONFIG_DIR} is missing (a source checkout has it)"
+        raise ConfigError([f"there is no shipped config {base!r}; choose one of {choices}"], "init-config")
+    data = copy.deepcopy(read_yaml(path))
+    entry = entry_for(experiment_from_dict(copy.deepcopy(data), source=str(path)).cfg.model)
     notes: list[str] = []
     m = data["model"]
     data["name"] = name
     m["pretrained_llm"] = _absolute_if_local(llm) or m["pretrained_llm"]
-    m["pretrained_asr"] = _absolute_if_local(asr) or m["pretrained_asr"]
-    if "pretrained_audio_codec" in m:
+    m["pretrained_asr"] = _absolute_if_local(asr) or m.get("pretrained_asr")
+    if entry.speaks:
         m["pretrained_audio_codec"] = _absolute_if_local(codec) or m["pretrained_audio_codec"]
+        m["scoring_asr"] = _absolute_if_local(scoring_asr)  # ASR-BLEU needs a second model; text BLEU none
     if prompt_format:
         m["prompt_format"] = prompt_format
-    if "scoring_asr" in m:  # ASR-BLEU needs a second model; validation's text BLEU needs none
-        m["scoring_asr"] = _absolute_if_local(scoring_asr)
     _set_adapter_width(m, notes)
-    _set_data(data, model, _absolute(train), _absolute(val), prompt)
+    _set_data(data, entry.transcribes, _absolute(train), _absolute(val), prompt)
     _set_run_length(data, max_steps)
     _set_hardware(data["trainer"], _has_cuda() if gpu is None else gpu)
     exp = data["exp_manager"]
     exp.update(explicit_log_dir=None, exp_dir="experiments", name="${name}")
     exp["mlflow_logger_kwargs"]["experiment_name"] = name
-    if model != "salm" and not scoring_asr:
-        exp["checkpoint_callback_params"].update(monitor="val_txt_bleu", mode="max")
-    return StarterConfig(data, base, notes)
+    reported = [f"val_{metric.name}" for metric in entry.validation_metrics(scoring_asr=bool(scoring_asr))]
+    if exp["checkpoint_callback_params"]["monitor"] not in reported and entry.text_metric is not None:
+        # e.g. val_asr_bleu without a scoring ASR: keep checkpoints by the text metric instead
+        metric = entry.text_metric
+        exp["checkpoint_callback_params"].update(monitor=f"val_{metric.name}", mode=metric.mode)
+    return StarterConfig(data, path, notes)
 
 
 def _absolute(path: str) -> str:
@@ -105,6 +107,8 @@ def _set_adapter_width(model: dict[str, Any], notes: list[str]) -> None:
     adapter = model.get("perception", {}).get("modality_adapter")
     if not adapter:
         return
+    from orchestrator.config.sources import encoder_width
+
     width = encoder_width(model["pretrained_asr"]) if model.get("pretrained_asr") else None
     if width is None:
         notes.append(
@@ -116,11 +120,11 @@ def _set_adapter_width(model: dict[str, Any], notes: list[str]) -> None:
     adapter["feat_in"] = adapter["d_model"] = width
 
 
-def _set_data(data: dict[str, Any], model: str, train: str, val: str, prompt: str | None) -> None:
+def _set_data(data: dict[str, Any], prompted: bool, train: str, val: str, prompt: str | None) -> None:
     d = data["data"]
     train_entry: dict[str, Any] = {"type": "lhotse_shar", "shar_path": train}
     val_entry: dict[str, Any] = {"type": "lhotse_shar", "shar_path": val}
-    if model == "salm":
+    if prompted:  # a model that reads a text prompt before the audio (the `context` tag)
         context = prompt or d["train_ds"]["input_cfg"][0]["tags"]["context"]
         train_entry["tags"] = {"context": context}
         val_entry["tags"] = {"context": context}
