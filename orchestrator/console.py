@@ -63,7 +63,7 @@ _NOISE = tuple(
 _WARNING = re.compile(r"^(?P<path>\S+\.py):\d+: \w*(?:Deprecation|Future|Pending\w*)Warning: ")
 # Ray's placement-group monitor thread fails to find its cluster when several local Ray instances run.
 _MONITOR_TRACEBACK = "Exception in thread PlacementGroupCleanerMonitor:"
-_TRACEBACK_END = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception): ")
+_TRACEBACK_LINES = ("Traceback (most recent call last):", "During handling of", "The above exception")
 # Printed by every rank as it builds the model; rank 0's copy is enough.
 _PER_RANK = re.compile(r"^\w+: [\d,]+ trainable of [\d,]+ parameters")
 
@@ -139,8 +139,9 @@ class WorkerLogFilter:
 
     def keep(self, pid: Any, line: str) -> bool:
         if pid in self._in_traceback:
-            if _TRACEBACK_END.match(line):
-                self._in_traceback.discard(pid)
+            if not line.strip() or line.startswith((" ", "\t", *_TRACEBACK_LINES)):
+                return False
+            self._in_traceback.discard(pid)  # the exception's own line ends the traceback
             return False
         if pid in self._skip_next_indented:
             self._skip_next_indented.discard(pid)
