@@ -13,10 +13,11 @@ again, with debug logging.
   per-dataset execution plans, a core_worker error line about PreemptionWatcher's restart policy (Ray's
   issue 53727: harmless), Ray Train's note that a run snapshot was found (the driver says which checkpoint it
   resumes from), transformers' "Loading weights" bars, deprecation/future warnings raised outside this project,
-  the traceback of Ray's placement-group monitor thread when several local Ray instances share a machine,
-  and the trainable-parameter summary from every rank but the first.
+  the traceback of Ray's placement-group monitor thread when several local Ray instances share a machine (it
+  cannot tell which cluster is its own; training is unaffected), and the trainable-parameter summary from every
+  rank but the first to print it.
 
-Errors are never dropped: a line is dropped only when it matches one of the patterns below.
+A line is dropped only when it matches one of the patterns below: no other error or warning is ever hidden.
 """
 
 from __future__ import annotations
