@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m orchestrator data demo --out data/demo
 	$(PY) -m orchestrator train configs/demo/salm.yaml
+	@echo "next: source $(VENV)/bin/activate   # puts speechlm and mlflow on PATH for the commands in README.md"
 
 test: $(STAMP)
 	$(PY) -m pytest

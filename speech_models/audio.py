@@ -1,4 +1,5 @@
-"""Resampling, in one place: the same windowed-sinc idea on the two kinds of audio the project holds.
+"""Resampling, in one place: the same windowed-sinc idea on the two kinds of audio the project holds, and
+reading an audio file the way the data pipeline reads a Shar recording (`load_audio`, for the Python API).
 
 - `resample(waveform, orig, new)`: torch tensors (B, T) on the model's device, inside forward passes (the
   codec's input and output). Same construction as torchaudio's default "sinc_interp_hann".
@@ -11,6 +12,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -64,3 +68,37 @@ def resample_array(audio: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
     g = math.gcd(orig_sr, new_sr)
     up, down = new_sr // g, orig_sr // g
     return resample_poly(audio, up, down, window=_polyphase_filter(up, down)).astype(np.float32, copy=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Audio files for the Python API (`SALM.transcribe`, `DuplexS2SModel.respond`)
+# ----------------------------------------------------------------------------------------------
+
+AudioInput = str | os.PathLike | np.ndarray
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
+    """An audio file as float32 mono at `sample_rate`, as the data pipeline decodes a Shar recording: soundfile,
+    channels averaged, `resample_array` to the model's rate."""
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"audio file {path} does not exist")
+    audio, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (T, C)
+    mono = audio[:, 0] if audio.shape[1] == 1 else audio.mean(axis=1)  # (T,)
+    if mono.size == 0 or not np.isfinite(mono).all():
+        raise ValueError(f"audio file {path} holds no samples or NaN/inf samples")
+    return np.ascontiguousarray(resample_array(mono, int(rate), sample_rate), dtype=np.float32)
+
+
+def as_waveforms(audios: AudioInput | Sequence[AudioInput], sample_rate: int) -> tuple[list[np.ndarray], bool]:
+    """(waveforms at `sample_rate`, whether one item was given rather than a list). Paths are read with
+    `load_audio`; arrays are taken to be float mono at `sample_rate` already."""
+    single = isinstance(audios, (str, os.PathLike)) or (isinstance(audios, np.ndarray) and audios.ndim == 1)
+    items = [audios] if single else list(audios)
+    waves = [
+        load_audio(item, sample_rate) if isinstance(item, (str, os.PathLike)) else np.asarray(item, np.float32)
+        for item in items
+    ]
+    return waves, single

@@ -29,7 +29,7 @@ fused audio head (H -> K * V, codebook k = slice k). DuplexS2SSpeechDecoderModel
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speech_models.audio import AudioInput, as_waveforms
 from speech_models.codec import AudioCodec
 from speech_models.config import AudioFrames, ModelConfig
 from speech_models.duplex_data import DuplexS2SCollator, text_channel_to_str, text_special_ids
@@ -407,8 +408,16 @@ class DuplexS2SModel(nn.Module):
         return result
 
     @torch.no_grad()
-    def respond(self, audios: list[np.ndarray]) -> tuple[list[str], list[np.ndarray]]:
-        """The agent's text and speech (float32 at data.target_sample_rate) for each user waveform."""
+    def respond(
+        self, audios: AudioInput | Sequence[AudioInput]
+    ) -> tuple[list[str], list[np.ndarray]] | tuple[str, np.ndarray]:
+        """The agent's text and speech (float32 at data.target_sample_rate, `self.target_sample_rate`) for each
+        user audio: a file path (read and resampled as the data pipeline does) or a float32 waveform at
+        data.source_sample_rate. One path or 1-D array gives (text, speech); a list gives (texts, speeches)."""
+        audios, single = as_waveforms(audios, self.source_sample_rate)
+        if single:
+            texts, speech = self.respond(audios)
+            return texts[0], speech[0]
         signal, lens = _pad_waveforms(audios)
         output = self.offline_inference(signal, lens, decode_audio=True)
         waves = output["audio"].float().cpu().numpy()

@@ -109,8 +109,11 @@ def apply_freeze_params(
         elif matched_freeze and not matched_prevent and param.requires_grad:
             param.requires_grad_(False)
             frozen += 1
+    buffers = [canonical_param_name(name) for name, _ in model.named_buffers()]
     for pattern, count in hits.items():
-        if count == 0:
+        # A pattern that names buffers only (NeMo's "^perception\.preprocessor\..+$": the mel front end has no
+        # parameters) freezes nothing there is to train; a typo matches neither.
+        if count == 0 and not any(re.match(pattern, name) for name in buffers):
             logger.warning(
                 "freeze pattern %r matches no parameter name (e.g. %r)", pattern, next(iter(_example_names(model)))
             )

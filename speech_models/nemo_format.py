@@ -370,6 +370,8 @@ def write_nemo_dir(model: nn.Module, directory: str | Path) -> Path:
     tokenizer without the audio tag, llm_backbone/). The directory must be empty or not exist."""
     from safetensors.torch import save_model
 
+    from speech_models.pretrained import match_mode
+
     if model.cfg.resolved_model_type() != "salm":
         raise ValueError(
             f"NeMo's format is written for SALM only: NeMo's {type(model).__name__} needs a NeMo AudioCodecModel "
@@ -385,4 +387,5 @@ def write_nemo_dir(model: nn.Module, directory: str | Path) -> Path:
     save_tokenizer_for_nemo(model.cfg.tokenizer_source, directory)
     save_model(model, str(directory / WEIGHTS_FILE))  # NeMo's own writer: full state dict, shared tensors once
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    match_mode(directory / WEIGHTS_FILE, like=directory / CONFIG_FILE)
     return directory

@@ -165,6 +165,14 @@ def merge_lora(model: nn.Module) -> bool:
     return True
 
 
+def match_mode(path: Path, like: Path) -> Path:
+    """Give `path` the permissions of `like`, a sibling written with a plain `open()` (0644 under the usual
+    umask): safetensors writes its files 0600, which left model.safetensors unreadable to those who can read
+    every other file of an export."""
+    path.chmod(like.stat().st_mode & 0o777)
+    return path
+
+
 def _model_class_path(model: nn.Module) -> str:
     cls = type(model)
     return f"{cls.__module__}:{cls.__qualname__}"
@@ -233,6 +241,7 @@ def save_pretrained(
 
     tensors, aliases = _dedupe(model.state_dict())  # the codec drops itself from state_dict (own subdir)
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt", _TIED_KEY: json.dumps(aliases)})
+    match_mode(directory / WEIGHTS_FILE, like=directory / SPEECHLM_CONFIG_FILE)
 
     text_config = lm.config.get_text_config()
     info = {

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speech_models.audio import AudioInput, as_waveforms
 from speech_models.config import ModelConfig, PromptDefaults
 from speech_models.prompts import check_prompt_format, encode_dialog, stop_token_ids
 
@@ -460,16 +462,20 @@ class SALM(nn.Module):
     @torch.no_grad()
     def transcribe(
         self,
-        audios: list[np.ndarray],
+        audios: AudioInput | Sequence[AudioInput],
         prompt: str | None = None,
         system_prompt: str | None = None,
         max_new_tokens: int | None = None,
-    ) -> list[str]:
-        """Generated text for each waveform (float32 at the perception's sample rate), greedy.
+    ) -> list[str] | str:
+        """Generated text (greedy) for each audio: a file path (read and resampled as the data pipeline does) or
+        a float32 waveform at the perception's sample rate. One path or 1-D array gives one string, a list a list.
 
         `prompt` goes before the audio in the user turn, as training's `context` tag did; None keeps the
         prompt the model was trained with (`self.prompt_defaults`).
         """
+        audios, single = as_waveforms(audios, int(self.perception.cfg.preprocessor.sample_rate))
+        if single:
+            return self.transcribe(audios, prompt, system_prompt, max_new_tokens)[0]
         if not audios:
             return []
         defaults = self.prompt_defaults

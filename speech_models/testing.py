@@ -290,6 +290,35 @@ def build_tiny_codec_dir(out_dir: str | os.PathLike, kind: str = "dac", seed: in
     return out
 
 
+def build_tiny_parakeet_dir(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Save a seeded random tiny transformers Parakeet encoder (1 layer, 32 wide, 80 mel bins, 8x subsampling =
+    80 ms frames) with its feature extractor: a `pretrained_asr` that loads like a real hub Parakeet checkpoint.
+    Unlike the LLM and codec builders it writes `out_dir` directly, which must not exist yet."""
+    import torch
+    from transformers import ParakeetEncoder, ParakeetEncoderConfig, ParakeetFeatureExtractor
+
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; build_tiny_parakeet_dir writes a new directory")
+    config = ParakeetEncoderConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=128,
+        subsampling_conv_channels=16,
+        num_mel_bins=80,
+        dropout=0.0,
+        layerdrop=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        ParakeetEncoder(config).save_pretrained(out, safe_serialization=True)
+    ParakeetFeatureExtractor().save_pretrained(out)
+    return out
+
+
 def tiny_duplex_model_config(
     llm_dir: str | os.PathLike, codec_dir: str | os.PathLike, speech_decoder: bool = False, **overrides
 ):

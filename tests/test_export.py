@@ -84,6 +84,8 @@ def test_export_loads_without_pretrained_sources_and_matches_the_checkpoint(tmp_
     assert result.reload_max_diff == 0.0 and not result.merged_lora
     assert {p.name for p in out.iterdir()} == {"config.json", "speechlm_config.yaml", "model.safetensors", "llm"}
     assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (out / "llm").iterdir()}
+    # safetensors writes 0600; the export gives its weights the mode of every other file it wrote (issue 20)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777
     info = json.loads((out / "config.json").read_text())
     assert info["architectures"] == ["SALM"] and info["lora"] == "unmerged"
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:

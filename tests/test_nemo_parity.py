@@ -250,6 +250,8 @@ def test_nemo_format_export_layout_and_reload(nemo_exports):
     for name, (directory, logits, _, _) in nemo_exports.items():
         config = json.loads((directory / "config.json").read_text())
         assert config["model_type"] == "nemo_speechlm" and config["pretrained_weights"] is False
+        mode = (directory / "config.json").stat().st_mode & 0o777
+        assert (directory / "model.safetensors").stat().st_mode & 0o777 == mode  # not safetensors' 0600
         assert config["perception"]["preprocessor"]["_target_"].startswith("nemo.collections.asr.modules.")
         assert "init_from_checkpoint" not in config and ("lora" in config) == (name == "salm_lora")
         adapter = config["perception"]["modality_adapter"]

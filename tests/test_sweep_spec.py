@@ -320,8 +320,9 @@ def test_cli_takes_overrides_after_flags_and_names_the_bad_metric(capsys: pytest
     from orchestrator.demo.synthetic_shar import write_synthetic_shar
 
     shar = write_synthetic_shar(tmp_path / "s2s", n_cuts=2, n_shards=1, with_target_audio=True)
-    (tmp_path / "llm").mkdir()
-    (tmp_path / "codec").mkdir()
+    for model_dir in ("llm", "codec"):  # a model directory is one with a config.json (issue 20)
+        (tmp_path / model_dir).mkdir()
+        (tmp_path / model_dir / "config.json").write_text("{}")
     paths = [
         f"data.train_ds.input_cfg.0.shar_path={shar}",
         f"data.validation_ds.datasets.demo_val.shar_path={shar}",

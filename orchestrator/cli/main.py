@@ -8,11 +8,10 @@ failed, 2 bad input (config, arguments, data).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable
 
-from orchestrator import __version__
+from orchestrator import __version__, console
 from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, bad_input, warn
 from orchestrator.config import ConfigError, LoadedConfig, find_config_file, load_experiment
 
@@ -39,9 +38,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from orchestrator.config.summary import summarize
 
     loaded = load_from_args(args)
-    if problems := source_problems(loaded.cfg):
+    notes: list[str] = []
+    if problems := source_problems(loaded.cfg, notes):
         raise ConfigError(problems, loaded.source)
-    for warning in loaded.warnings:
+    for warning in [*loaded.warnings, *notes]:
         warn(warning)
     print(summarize(loaded.cfg, loaded.source))
     print(f"\n{loaded.source}: OK")
@@ -69,7 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         "The same program runs as `python -m orchestrator` (e.g. under `ray job submit`).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, and all of Ray's and the libraries' output (by default known noise is filtered)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     train = sub.add_parser("train", help="train a model on Ray Train from a YAML config")
@@ -88,15 +93,20 @@ def _add_command_groups(sub: argparse._SubParsersAction) -> None:
     """Command groups that live in their own modules (data, sweep, eval/infer/export), each registering its
     own arguments; they import their heavy dependencies only when their command runs."""
     from orchestrator.cli.data import register as register_data
+    from orchestrator.cli.init_config import register as register_init_config
     from orchestrator.cli.models import register as register_models
     from orchestrator.cli.sweep import register as register_sweep
 
-    for register in (register_data, register_sweep, register_models):
+    for register in (register_init_config, register_data, register_sweep, register_models):
         register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --verbose is taken after the command too (`speechlm train my.yaml --verbose`), where a user adds it.
+    verbose = "--verbose" in argv[1:]
+    argv = argv[:1] + [a for a in argv[1:] if a != "--verbose"]
     # Overrides may also follow a flag (`speechlm sweep SPEC --smoke num_samples=2`), which argparse alone
     # rejects: whatever it leaves over is taken as more overrides when the command has them.
     args, leftover = parser.parse_known_args(argv)
@@ -104,11 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(getattr(args, "overrides", None), list) or any(a.startswith("-") for a in leftover):
             parser.error(f"unrecognized arguments: {' '.join(leftover)}")
         args.overrides.extend(leftover)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    console.configure(args.verbose or verbose)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from orchestrator import console
 from orchestrator.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, bad_input, positive_float, positive_int
 from orchestrator.redaction import redact
 
@@ -44,6 +45,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from orchestrator.inference.evaluate import evaluate
     from orchestrator.inference.sources import SourceError
 
+    console.quiet_model_loading()
+
     try:
         report = evaluate(
             args.model,
@@ -72,6 +75,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_infer(args: argparse.Namespace) -> int:
     from orchestrator.inference.infer import infer
     from orchestrator.inference.sources import SourceError, describe, resolve_source
+
+    console.quiet_model_loading()
 
     try:
         source = resolve_source(args.model, args.checkpoint, args.overrides)
@@ -112,6 +117,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from orchestrator.inference.export import ExportCheckError, export_model
     from orchestrator.inference.sources import SourceError
+
+    console.quiet_model_loading()
 
     try:
         result = export_model(

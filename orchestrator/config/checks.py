@@ -57,11 +57,6 @@ def _check_trainer(cfg: ExperimentConfig, problems: list[str]) -> None:
         problems.append(f"trainer.devices: {t.devices} must be a positive worker count per node, or -1 for every GPU")
     if t.devices == -1 and t.accelerator == "cpu":
         problems.append("trainer.devices: -1 means 'every GPU of a node'; with accelerator cpu give a worker count")
-    if t.val_check_interval > t.max_steps and cfg.data.validation_ds is not None:
-        problems.append(
-            f"trainer.val_check_interval: {t.val_check_interval} is larger than trainer.max_steps "
-            f"({t.max_steps}), so validation would never run; lower it or raise max_steps"
-        )
     if t.cpus_per_worker is not None and t.cpus_per_worker <= 0:
         problems.append(f"trainer.cpus_per_worker: {t.cpus_per_worker} must be positive")
     if t.async_validation and (cfg.data.validation_ds is None or not cfg.exp_manager.create_checkpoint_callback):
@@ -80,6 +75,33 @@ def _check_trainer(cfg: ExperimentConfig, problems: list[str]) -> None:
                 "trainer.min_nodes: elastic training needs a fixed worker count per node; give trainer.devices "
                 "(GPUs per node) instead of -1"
             )
+
+
+def run_length_warnings(cfg: ExperimentConfig) -> list[str]:
+    """What a shortened run (`trainer.max_steps=40` on a config written for thousands of steps) leaves out of
+    scale: validation and warmup are counted in steps, and neither shrinks with max_steps by itself."""
+    t, notes = cfg.trainer, []
+    if t.val_check_interval > t.max_steps and cfg.data.validation_ds is not None:
+        notes.append(
+            f"trainer.val_check_interval: {t.val_check_interval} is larger than trainer.max_steps ({t.max_steps}): "
+            f"this run validates and checkpoints once, at step {t.max_steps}; for more, set "
+            f"trainer.val_check_interval={max(1, t.max_steps // 4)}"
+        )
+    schedule = cfg.model.lr_scheduler or {}
+    schedule_steps, warmup = schedule.get("max_steps"), schedule.get("warmup_steps")
+    if isinstance(schedule_steps, int) and schedule_steps != t.max_steps:
+        notes.append(
+            f"model.lr_scheduler.max_steps: the schedule ends at step {schedule_steps} but the run at "
+            f"trainer.max_steps={t.max_steps}; write max_steps: ${{trainer.max_steps}} to tie them"
+        )
+    if isinstance(warmup, int) and warmup >= min(t.max_steps, schedule_steps or t.max_steps):
+        notes.append(
+            f"model.lr_scheduler.warmup_steps: {warmup} is not below the run's {t.max_steps} steps, so the learning "
+            f"rate never reaches its peak; lower it (model.lr_scheduler.warmup_steps={t.max_steps // 10}) or give "
+            "~model.lr_scheduler.warmup_steps +model.lr_scheduler.warmup_ratio=0.1 (a fraction of max_steps, "
+            "which scales with the run)"
+        )
+    return notes
 
 
 def _check_run_dir(cfg: ExperimentConfig, problems: list[str]) -> None:

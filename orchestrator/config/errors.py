@@ -9,6 +9,9 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str], source: str = "config") -> None:
         self.problems = problems
         self.source = source
-        lines = [f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}:"]
+        if len(problems) == 1:  # one mistake, one line
+            super().__init__(f"{source}: {problems[0]}")
+            return
+        lines = [f"{source}: {len(problems)} problems:"]
         lines += [f"  {i}. {p}" for i, p in enumerate(problems, 1)]
         super().__init__("\n".join(lines))

@@ -21,7 +21,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from orchestrator.config.checks import check_experiment
+from orchestrator.config.checks import check_experiment, run_length_warnings
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.nemo_compat import apply_nemo_compat
 from orchestrator.config.overrides import OverrideError, apply_overrides, parse_value
@@ -126,7 +126,7 @@ def _validated(plain: Any, problems: list[str], source: str) -> LoadedConfig:
         check_experiment(cfg, problems)
     if problems:
         raise ConfigError(problems, source)
-    return LoadedConfig(cfg=cfg, source=source, warnings=warnings)
+    return LoadedConfig(cfg=cfg, source=source, warnings=warnings + run_length_warnings(cfg))
 
 
 # ------------------------------------------------------------------------------------------ long lists

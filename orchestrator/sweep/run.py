@@ -212,6 +212,7 @@ class SweepTrial(tune.Trainable):
                     extra_tags=tags,
                     callbacks=callbacks,
                     stop_requested=self.stop_requested,
+                    allow_finished=True,  # a trial restarted after its last report ends at once
                 )
             except BaseException as exc:  # raised from step(), in Tune's thread
                 self.outcome["error"] = exc

@@ -136,8 +136,14 @@ def start_or_resume_run(
     params: dict[str, Any],
     tags: dict[str, str],
     parent_run_id: str | None = None,
+    resumed_at: int | None = None,
 ) -> str:
-    """The MLflow run id for `run_dir`: the existing run when resuming, else a new one with params logged."""
+    """The MLflow run id for `run_dir`: the existing run when resuming, else a new one with params logged.
+
+    resumed_at: the step a resumed run continues from. MLflow params are write-once, so a key whose value
+    changed since the run started (`trainer.max_steps` raised to train further) is logged again as
+    `resumed_at_step_<N>/<key>`, and keys the run did not have yet are logged as they are.
+    """
     from mlflow.entities import Param, RunTag
 
     client = _client(tracking_uri)
@@ -152,7 +158,12 @@ def start_or_resume_run(
     if existing:
         run_id = existing[0].info.run_id
         client.update_run(run_id, status="RUNNING")
-        logger.info("continuing MLflow run %s", run_id)
+        changed = log_changed_params(client, run_id, existing[0].data.params, params, resumed_at)
+        logger.info(
+            "continuing MLflow run %s%s",
+            run_id,
+            f"; changed since it started: {', '.join(changed)}" if changed else "",
+        )
         return run_id
     all_tags = {
         RUN_DIR_TAG: run_dir,
@@ -173,6 +184,28 @@ def start_or_resume_run(
         client.log_batch(run_id, params=items[start : start + 100])
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in all_tags.items() if k == "mlflow.runName"])
     return run_id
+
+
+def log_changed_params(
+    client, run_id: str, logged: Mapping[str, str], params: dict[str, Any], resumed_at: int | None
+) -> list[str]:
+    """Log `params` that `logged` (the run's params) lacks or holds with another value; returns "key old -> new"
+    for each changed one. Changed values go under `resumed_at_step_<N>/<key>` (MLflow refuses to change a param)."""
+    from mlflow.entities import Param
+
+    items, changed = [], []
+    for key, value in sorted(params.items()):
+        text = REDACTED if is_secret_key(key.rsplit(".", 1)[-1]) else _param_value(value)
+        if key not in logged:
+            items.append(Param(key, text))
+        elif logged[key] != text:
+            changed.append(f"{key} {logged[key]} -> {text}")
+            prefix = f"resumed_at_step_{resumed_at}" if resumed_at is not None else "resumed"
+            if logged.get(f"{prefix}/{key}", text) == text:  # the same resume step again: already logged
+                items.append(Param(f"{prefix}/{key}", text))
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start : start + 100])
+    return changed
 
 
 def _param_value(value: Any) -> str:
@@ -329,7 +362,21 @@ def ui_command(tracking_uri: str) -> str:
     """The command a user runs to browse this tracking store."""
     if tracking_uri.startswith(("http://", "https://", "databricks")):
         return redact(f"open {tracking_uri}")
-    return redact(f"mlflow ui --backend-store-uri {tracking_uri} --port 5000   # then open http://127.0.0.1:5000")
+    return redact(
+        f"{mlflow_program()} ui --backend-store-uri {tracking_uri} --port 5000   # then open http://127.0.0.1:5000"
+    )
+
+
+def mlflow_program() -> str:
+    """`mlflow` when it is on PATH, else the full path of the one beside this Python (a venv not activated, as
+    after `make demo`), so the printed command works when pasted."""
+    import shutil
+    import sys
+
+    if shutil.which("mlflow"):
+        return "mlflow"
+    beside = Path(sys.executable).with_name("mlflow")
+    return str(beside) if beside.is_file() else "mlflow"
 
 
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # a user-chosen ./mlruns store keeps working on 3.13+

@@ -103,17 +103,45 @@ def decide_resume(cfg: ExperimentConfig, directory: str) -> str | None:
     return latest
 
 
+def check_steps_left(cfg: ExperimentConfig, directory: str, resume_from: str, step: int) -> None:
+    """Refuse a resume that would train nothing: its checkpoint (at `step`) is already at trainer.max_steps, e.g.
+    a config copied with its `name` kept, whose run dir holds a finished run (NeMo silently "finishes" it)."""
+    if step < cfg.trainer.max_steps:
+        return
+    explicit = cfg.exp_manager.explicit_log_dir
+    new_run = (
+        "another exp_manager.explicit_log_dir"
+        if explicit
+        else f"a new name (name=my_run; this one is name: {cfg.name!r})"
+    )
+    raise ConfigError(
+        [
+            f"nothing to train: {directory} already holds a checkpoint at step {step} ({resume_from}) and "
+            f"trainer.max_steps is {cfg.trainer.max_steps}. To train further, raise trainer.max_steps (e.g. "
+            f"trainer.max_steps={step + cfg.trainer.max_steps}); to start a new run, give it {new_run}"
+        ],
+        source="resume",
+    )
+
+
 # -------------------------------------------------------------------------------------------------- run
 
 
-def connect_ray(runtime_env: dict[str, Any] | None = None) -> None:
-    """Join RAY_ADDRESS (e.g. under `ray job submit`) or start a local Ray instance; a no-op when connected."""
+def connect_ray(runtime_env: dict[str, Any] | None = None) -> str:
+    """Join RAY_ADDRESS (e.g. under `ray job submit`) or start a local Ray instance; a no-op when connected.
+    Returns where the run goes, for the user ("a local Ray instance (dashboard http://...)")."""
     import ray
 
+    from orchestrator import console
+
     if ray.is_initialized():
-        return
+        return "Ray"
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, runtime_env=runtime_env)
+    address = os.environ.get("RAY_ADDRESS")
+    context = ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+    console.filter_ray_worker_logs()
+    dashboard = f" (dashboard http://{context.dashboard_url})" if getattr(context, "dashboard_url", None) else ""
+    return (f"the Ray cluster at {address}" if address else "a local Ray instance") + dashboard
 
 
 def run_training(
@@ -123,11 +151,13 @@ def run_training(
     extra_tags: dict[str, str] | None = None,
     callbacks: list[Any] | None = None,
     stop_requested: threading.Event | None = None,
+    allow_finished: bool = False,
 ) -> TrainingResult:
     """Train `cfg` to trainer.max_steps (resuming when the run dir has checkpoints) and report where it all is.
 
     stop_requested: set by a caller that aborts the run on purpose (a sweep trial stopped by its scheduler),
-    so that the abort is reported as a stop, not as a failure.
+    so that the abort is reported as a stop, not as a failure. allow_finished: a run dir already at max_steps
+    "finishes" at once (a restarted sweep trial) instead of being refused as a run with nothing to train.
     """
     import ray
     import ray.data
@@ -140,19 +170,25 @@ def run_training(
     from orchestrator.data.resume_board import new_board_name
     from orchestrator.training.loop import LoopSettings, train_loop_per_worker
 
-    if problems := source_problems(cfg):  # before a cluster is joined: missing data, no credentials
+    notes: list[str] = []
+    if problems := source_problems(cfg, notes):  # before a cluster is joined: missing data, models, credentials
         raise ConfigError(problems, source)
-    connect_ray()
-    # The per-operator progress bars of Ray Data would bury the training progress lines.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    for note in notes:
+        logger.warning(note)
     cfg = absolute_local_paths(cfg)
     directory = run_dir(cfg.exp_manager)
     resume_from = decide_resume(cfg, directory)
+    resumed_step = int(checkpoints.read_saved_state(resume_from).get("step", 0)) if resume_from else None
+    if resumed_step is not None and not allow_finished:
+        check_steps_left(cfg, directory, resume_from, resumed_step)
+    where = connect_ray()
+    # The per-operator progress bars of Ray Data would bury the training progress lines.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     resources = plan_resources(cfg, ray.cluster_resources())
     print(
         redact(
-            f"run dir: {directory}\nworkers: {resources.describe()}"
-            + (f"\nresuming from {resume_from}" if resume_from else "")
+            f"run dir: {directory}" + (f" (resuming from {resume_from})" if resume_from else "") + "\n"
+            f"workers: {resources.describe()} on {where}"
         ),
         flush=True,
     )
@@ -187,6 +223,7 @@ def run_training(
                 **(extra_tags or {}),
             },
             parent_run_id=parent_run_id,
+            resumed_at=resumed_step,
         )
         mlflow_runs.log_text_artifact(tracking_uri, run_id, to_yaml(cfg), "config.yaml")
 
@@ -305,8 +342,11 @@ def print_summary(result: TrainingResult, entry: ModelEntry) -> None:
         if entry.text_metric is not None:
             key = f"val_{entry.text_metric.name}"
             history = mlflow_runs.metric_history(result.tracking_uri, result.mlflow_run_id, key)
-            if history:
+            label = f"{key}:".ljust(18)
+            if len(history) == 1:  # one validation: nothing to compare it with
+                lines.append(f"{label}{history[0][1]:.3f} at step {history[0][0]}")
+            elif history:
                 (first_step, first), (last_step, last) = history[0], history[-1]
-                lines.append(f"{key}:          {first:.3f} at step {first_step} -> {last:.3f} at step {last_step}")
+                lines.append(f"{label}{first:.3f} at step {first_step} -> {last:.3f} at step {last_step}")
     lines.append("=" * 80)
     print(redact("\n".join(lines)), flush=True)

@@ -25,6 +25,7 @@ be shards there ("aten.convolution.default: got mixed torch.Tensor and DTensor")
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -102,8 +103,11 @@ def wrap_for_distribution(model: nn.Module, strategy: str, device: torch.device,
     device_ids = [device.index] if device.type == "cuda" else None
     # No buffer broadcast: some buffers grow with the input length (relative positional tables), so their
     # sizes differ between ranks and a broadcast would crash gloo/NCCL. BatchNorm statistics stay per rank;
-    # checkpoints take rank 0's.
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    # checkpoints take rank 0's. torch 2.13 deprecates broadcast_buffers for forward_sync_buffers, which still
+    # syncs buffers at init; its own warning says to keep broadcast_buffers=False until init_sync_buffers exists.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
 @contextlib.contextmanager
