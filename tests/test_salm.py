@@ -158,7 +158,17 @@ def test_collator_batch_format(cfg, llm_dir):
     batch = collator(examples)
     assert collator._tokenizer is not None  # loaded lazily on first call...
     assert pickle.loads(pickle.dumps(collator))._tokenizer is None  # ...and never shipped with the pickle
-    assert set(batch) == {"audios", "audio_lens", "input_ids", "loss_mask", "prompt_ids", "references", "cut_ids"}
+    assert set(batch) == {
+        "audios",
+        "audio_lens",
+        "input_ids",
+        "loss_mask",
+        "prompt_ids",
+        "answerable",
+        "references",
+        "cut_ids",
+    }
+    assert batch["answerable"].tolist() == [True] * 3
     assert batch["audios"].dtype == np.float32 and batch["audios"].shape == (3, 16000)
     assert batch["audio_lens"].tolist() == [16000, 12800, 9600] and batch["audio_lens"].dtype == np.int64
     np.testing.assert_array_equal(batch["audios"][1, :12800], examples[1]["audio"])
