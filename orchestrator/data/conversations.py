@@ -30,7 +30,7 @@ from typing import Any
 
 from orchestrator.data.nemo_manifest import expand_paths, resolve_audio_path
 from orchestrator.data.records import SharCut, Shard, TarEntry, Turn, conversation_text
-from orchestrator.data.shar import CorruptShardError, SharLayoutError, read_manifest
+from orchestrator.data.shar import CorruptShardError, SharLayoutError, read_manifest_cached
 from orchestrator.storage import filesystems
 from orchestrator.storage.paths import absolute, is_url
 
@@ -116,7 +116,7 @@ def read_conversation_shard(
 ) -> list[SharCut]:
     """Every conversation of one manifest file as a record (see the module docstring)."""
     try:
-        lines = read_manifest(shard.cuts, storage_options)
+        lines = read_manifest_cached(shard.cuts, storage_options, cache=shard.part is not None)
     except Exception as exc:
         raise CorruptShardError(f"{shard.cuts}: cannot read the conversations ({type(exc).__name__}: {exc})") from exc
     placeholders = options.get("audio_placeholders") or DEFAULT_PLACEHOLDERS

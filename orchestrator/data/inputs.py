@@ -17,6 +17,7 @@ directories or manifests of a list are mixed in proportion to their sizes unless
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -150,9 +151,23 @@ def read_records(
         records = text_data.read_text_shard(shard, options, item, storage_options, with_audio=with_audio)
     else:
         raise ValueError(f"shard {shard.cuts} has format {shard.format!r}, which no reader handles")
+    if shard.part is not None:
+        k, count = shard.part
+        records = records[k * len(records) // count : (k + 1) * len(records) // count]
     for index, record in enumerate(records):
         record.index = index
     return records
+
+
+def split_into_parts(shards: list[Shard], records_per_shard: float, part_size: int) -> list[Shard]:
+    """Shards of `records_per_shard` records (a sampled mean) as slices of about `part_size` records; shards
+    whose audio is in tars are read whole (a slice would still read the whole tar)."""
+    from dataclasses import replace
+
+    count = math.ceil(records_per_shard / part_size) if records_per_shard > 0 else 1
+    if count <= 1 or any(reads_audio_with_shard(s) for s in shards):
+        return shards
+    return [replace(s, part=(k, count)) for s in shards for k in range(count)]
 
 
 def reads_audio_with_shard(shard: Shard) -> bool:

@@ -21,7 +21,7 @@ from typing import Any
 
 from orchestrator.data.nemo_manifest import expand_paths, resolve_audio_path
 from orchestrator.data.records import SharCut, Shard
-from orchestrator.data.shar import CorruptShardError, SharLayoutError, is_manifest, read_manifest
+from orchestrator.data.shar import CorruptShardError, SharLayoutError, is_manifest, read_manifest_cached
 from orchestrator.storage.paths import absolute, is_url
 
 MANIFEST_SUFFIXES = (".jsonl.gz", ".jsonl", ".json", ".json.gz")
@@ -63,7 +63,7 @@ def read_lhotse_shard(
 ) -> list[SharCut]:
     """Every cut of one manifest file as a record; audio is read later, from the files the cuts name."""
     try:
-        cuts = read_manifest(shard.cuts, storage_options)
+        cuts = read_manifest_cached(shard.cuts, storage_options, cache=shard.part is not None)
     except Exception as exc:
         raise CorruptShardError(f"{shard.cuts}: cannot read the cuts manifest ({type(exc).__name__}: {exc})") from exc
     records = []

@@ -24,7 +24,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from orchestrator.data.records import SharCut, Shard, TarEntry
-from orchestrator.data.shar import CorruptShardError, SharLayoutError, read_manifest
+from orchestrator.data.shar import CorruptShardError, SharLayoutError, read_manifest_cached
 from orchestrator.storage import filesystems
 from orchestrator.storage.paths import absolute, is_url, join, local_path
 
@@ -227,7 +227,7 @@ def read_nemo_shard(
     """Every entry of one NeMo manifest shard as a record; a tarred shard's audio comes with it (with_audio)."""
     text_field, lang_field = options.get("text_field") or "text", options.get("lang_field") or "lang"
     try:
-        entries = read_manifest(shard.cuts, storage_options)
+        entries = read_manifest_cached(shard.cuts, storage_options, cache=shard.part is not None)
     except Exception as exc:
         raise CorruptShardError(f"{shard.cuts}: cannot read the NeMo manifest ({type(exc).__name__}: {exc})") from exc
     if shard.shard_id is not None:

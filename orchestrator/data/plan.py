@@ -40,7 +40,15 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.data.bucketing import BatchingSpec, Lengths, estimate_duration_bins
 from orchestrator.data.examples import measure_lengths
-from orchestrator.data.inputs import InputEntry, ShardGroup, discover_entry, flatten_entries, read_records
+from orchestrator.data.inputs import (
+    InputEntry,
+    ShardGroup,
+    discover_entry,
+    flatten_entries,
+    read_records,
+    reads_audio_with_shard,
+    split_into_parts,
+)
 from orchestrator.data.position import DataPosition, reconcile
 from orchestrator.data.records import Shard
 from orchestrator.storage import filesystems
@@ -55,6 +63,9 @@ VAL_PREFIX = "val_"
 DEFAULT_VAL_NAME = "default"  # validation_ds without named `datasets` -> "val_default"
 _BIN_ESTIMATE_MAX_SHARDS = 16  # manifests read on the driver to estimate bucket bins when none are given
 _MIX_SAMPLE_SHARDS = 8  # manifests per input read on the driver to size inputs mixed by weight
+# Files without audio tars (text, manifests of audio files) are read in slices of about this many records, so that
+# mixed inputs interleave at about the grain of a Shar shard rather than a whole file.
+PART_RECORDS = 200
 # max_epochs=None: the training stream is this many epochs long (the loop stops at max_steps long before).
 UNBOUNDED_EPOCHS = 1000
 # Ray Data puts every read task in the object store up front (about 1 ms each): a long stream is cut into at
@@ -236,6 +247,9 @@ def _inputs_of(dataset_cfg: DatasetConfig, data_cfg: DataConfig, name: str = "da
     inputs = []
     for group in groups:
         shards = group.shards
+        if not any(reads_audio_with_shard(s) for s in shards):
+            per_shard = _records_per_shard(InputPlan(tuple(shards), 1.0, {}, 0, None, dict(group.options)))
+            shards = split_into_parts(shards, per_shard, PART_RECORDS)
         s2s = any(s.has_target_audio for s in shards)
         inputs.append(
             InputPlan(

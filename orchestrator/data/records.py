@@ -34,11 +34,14 @@ class Shard:
     input_index: int = 0  # which input (for tags, decoding settings and mixing weights)
     format: str = "lhotse_shar"  # the input_cfg type that reads it (orchestrator.data.inputs)
     shard_id: int | None = None  # NeMo: the entries of an unsharded manifest that go with this shard's tar
+    # (k, n): the k-th of n equal slices of the manifest's records. A large file without audio tars (text, or
+    # manifests of audio files) is read in slices so that inputs mix at a finer grain than whole files.
+    part: tuple[int, int] | None = None
 
     @property
     def name(self) -> str:
         """Short human-readable name used in warnings and errors."""
-        return self.cuts
+        return self.cuts if self.part is None else f"{self.cuts} (part {self.part[0] + 1} of {self.part[1]})"
 
     @property
     def has_target_audio(self) -> bool:

@@ -247,6 +247,27 @@ def read_manifest(path: str, storage_options: Mapping[str, Mapping[str, Any]] | 
     return [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
 
 
+_PARSED: dict[str, list[dict[str, Any]]] = {}  # path -> parsed lines, most recent last
+_PARSED_KEEP = 2
+
+
+def read_manifest_cached(
+    path: str, storage_options: Mapping[str, Mapping[str, Any]] | None = None, *, cache: bool = True
+) -> list[dict[str, Any]]:
+    """`read_manifest`, keeping the last files parsed in this process when `cache`: the slices of one large
+    manifest (`orchestrator.data.records.Shard.part`) are read one after another by the same read task."""
+    if not cache:
+        return read_manifest(path, storage_options)
+    if path in _PARSED:
+        _PARSED[path] = _PARSED.pop(path)
+        return _PARSED[path]
+    parsed = read_manifest(path, storage_options)
+    _PARSED[path] = parsed
+    while len(_PARSED) > _PARSED_KEEP:
+        del _PARSED[next(iter(_PARSED))]
+    return parsed
+
+
 def iter_tar_entries(raw: bytes | io.BufferedIOBase) -> Iterator[TarEntry]:
     """The (data, manifest) member pairs of a field tar, in archive order (lhotse's own pairwise reader)."""
     from lhotse.shar.readers.tar import iterate_tarfile_pairwise

@@ -21,7 +21,7 @@ from typing import Any
 from orchestrator.data.conversations import role_of
 from orchestrator.data.nemo_manifest import expand_paths
 from orchestrator.data.records import SharCut, Shard, Turn, conversation_text
-from orchestrator.data.shar import CorruptShardError, SharLayoutError, read_manifest
+from orchestrator.data.shar import CorruptShardError, SharLayoutError, read_manifest_cached
 from orchestrator.storage import filesystems
 from orchestrator.storage.paths import absolute, is_url
 
@@ -36,11 +36,20 @@ def discover_text(fmt: str, paths: Any, source: str, input_index: int = 0) -> li
     return [Shard(cuts=f, fields={}, source=source, input_index=input_index, format=fmt) for f in files]
 
 
-def _lines(path: str, storage_options: Mapping[str, Mapping[str, Any]] | None) -> list[str]:
+_LINES: dict[str, list[str]] = {}  # the last text file read in this process (its parts are read one by one)
+
+
+def _lines(path: str, storage_options: Mapping[str, Mapping[str, Any]] | None, cache: bool) -> list[str]:
+    if cache and path in _LINES:
+        return _LINES[path]
     raw = filesystems.read_bytes(path, storage_options)
     if path.endswith(".gz"):
         raw = gzip.decompress(raw)
-    return raw.decode("utf-8").splitlines()
+    lines = raw.decode("utf-8").splitlines()
+    if cache:
+        _LINES.clear()
+        _LINES[path] = lines
+    return lines
 
 
 def read_text_shard(
@@ -55,9 +64,9 @@ def read_text_shard(
     stem = PurePosixPath(shard.cuts).name.split(".")[0]
     try:
         if shard.format == "txt":
-            rows: list[Any] = _lines(shard.cuts, storage_options)
+            rows: list[Any] = _lines(shard.cuts, storage_options, cache=shard.part is not None)
         else:
-            rows = read_manifest(shard.cuts, storage_options)
+            rows = read_manifest_cached(shard.cuts, storage_options, cache=shard.part is not None)
     except Exception as exc:
         raise CorruptShardError(f"{shard.cuts}: cannot read the text file ({type(exc).__name__}: {exc})") from exc
     text_field = options.get("text_field") or "text"
