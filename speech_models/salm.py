@@ -522,6 +522,30 @@ class SALM(nn.Module):
             "references": references,
         }
 
+    def profiling_batch(self, batch_size: int, audio_seconds: float, text_tokens: int, seed: int = 0) -> dict[str, Any]:
+        """A synthetic batch for the batch-size planner (NeMo's `oomptimizer_schema`): `batch_size` rows, each a
+        short prompt, `audio_seconds` of noise in place of one audio placeholder (none at 0 s), and `text_tokens`
+        answer tokens with loss."""
+        rng = np.random.default_rng(seed)
+        rate = self.cfg.perception.preprocessor.sample_rate
+        samples = round(audio_seconds * rate)
+        vocab = self.embed_tokens.num_embeddings
+        prompt = rng.integers(0, vocab, size=4).tolist() + ([self.audio_locator_tag_id] if samples else [])
+        answer = rng.integers(0, vocab, size=max(1, text_tokens)).tolist()
+        ids = np.array([prompt + answer] * batch_size, dtype=np.int64)  # (B, L)
+        mask = np.array([[False] * len(prompt) + [True] * len(answer)] * batch_size)  # (B, L)
+        audios = (rng.standard_normal((batch_size if samples else 0, samples)) * 0.1).astype(np.float32)
+        return {
+            "audios": audios,  # (N_audio, T)
+            "audio_lens": np.full(audios.shape[0], samples, dtype=np.int64),
+            "input_ids": ids,
+            "loss_mask": mask,
+            "prompt_ids": ids[:, : len(prompt)],
+            "answerable": np.ones(batch_size, dtype=np.bool_),
+            "references": [""] * batch_size,
+            "cut_ids": [f"probe-{i}" for i in range(batch_size)],
+        }
+
     # -- inference -----------------------------------------------------------------------------
 
     def collator(self, prompt: PromptDefaults | None = None) -> SALMCollator:

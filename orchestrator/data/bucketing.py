@@ -61,7 +61,8 @@ def estimate_duration_bins(durations: Sequence[float], num_buckets: int) -> list
 def estimate_2d_bins(pairs: Sequence[tuple[float, float]], num_buckets: int, num_subbuckets: int) -> list[list[float]]:
     """NeMo's 2-D bins (`estimate_token_bins.py --sub-buckets`): `num_buckets` edges over the first dimension
     (equal totals), each split into about `num_subbuckets` edges over the second (equal totals); every first-edge
-    group ends with a sub-bin as high as the largest second/first ratio seen allows, so no example is left out."""
+    group ends with a sub-bin as high as the largest second/first ratio seen allows (and at least its largest
+    second value), so no example of the sample is left out."""
     if num_buckets < 1 or num_subbuckets < 1:
         raise ValueError(f"num_buckets and sub-buckets must be >= 1, got {num_buckets} and {num_subbuckets}")
     ordered = sorted((float(a), float(b)) for a, b in pairs)
@@ -80,7 +81,7 @@ def estimate_2d_bins(pairs: Sequence[tuple[float, float]], num_buckets: int, num
                 bins.append([edge, value])
                 acc = 0.0
             acc += value
-        bins.append([edge, float(math.ceil(edge * max_ratio))])
+        bins.append([edge, float(max(math.ceil(edge * max_ratio), seconds[-1]))])
 
     group: list[tuple[float, float]] = []
     acc = 0.0
