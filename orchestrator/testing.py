@@ -97,6 +97,37 @@ def pad_audio_collator(examples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+class WordTokenCollator:
+    """A model-free collator for every kind of example (plain cuts, conversations, text only): right-pads whatever
+    audio the examples have and counts a text's tokens as its words, so that conversations, text-only data and
+    token-aware batching are tested and benchmarked without a tokenizer. Picklable, like a model's collator."""
+
+    def token_lengths(self, example: dict[str, Any], token_equivalent_duration: float | None):
+        import math
+
+        if "turns" in example:
+            texts = [(t["role"], t.get("text", "")) for t in example["turns"] if "audio" not in t]
+            answer = len(texts[-1][1].split()) if texts and texts[-1][0] == "assistant" else 0
+            prompt = sum(len(text.split()) for _, text in texts) - answer + sum("audio" in t for t in example["turns"])
+        else:
+            prompt, answer = 1, len(example["text"].split())  # the audio's placeholder, then the transcript
+        frames = sum(max(1, math.ceil(d / token_equivalent_duration)) - 1 for d in example.get("audio_durations", []))
+        return (prompt + frames, answer, prompt + answer), None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        audios = [a for e in examples for a in (e["audios"] if "turns" in e else [e["audio"]])]
+        lens = np.array([len(a) for a in audios], dtype=np.int64)
+        audio = np.zeros((len(audios), int(lens.max(initial=0))), dtype=np.float32)  # (N_audio, T)
+        for row, a in enumerate(audios):
+            audio[row, : len(a)] = a
+        return {
+            "audio": audio,
+            "audio_lens": lens,
+            "ids": [e["id"] for e in examples],
+            "text": [e["text"] for e in examples],
+        }
+
+
 def cut_counter_entry(control_dir: str | Path, slots: int = 4096):
     """A toy model entry (`model_type: cut_counter`) that counts how often each cut was trained on, for
     exactly-once checks of the data pipeline through real runs, restarts and resumes.

@@ -20,7 +20,11 @@ Every model class implements the same small interface:
 
 Every collator is a picklable callable built on the driver and run inside Ray Data tasks:
 `Collator(model_cfg, data_cfg, dataset_cfg)(examples: list[dict]) -> dict[str, np.ndarray | list]`, and
-`collator.prompt_defaults()` says how it prompts the model (for `infer` and exports).
+`collator.prompt_defaults()` says how it prompts the model (for `infer` and exports). Examples are described in
+`orchestrator.data.examples`: plain cuts, and for models whose entry says `conversations=True`, conversations with
+any number of audio and text turns and text-only examples. A collator that can count an example's tokens
+(`collator.token_lengths(example_without_audio, token_equivalent_duration) -> ((input, output, text), encoding)`)
+enables token-aware batching (`use_multimodal_sampling`) and the token filters.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class ModelEntry:
     metrics: tuple[Metric, ...]  # what validation reports, the text metric among them
     speaks: bool = False  # generates agent speech: needs model.pretrained_audio_codec, can be ASR-BLEU scored
     transcribes: bool = False  # has `transcribe(audios, prompt=...)`: a text prompt shapes its answer
+    conversations: bool = False  # its collator takes conversations and text-only examples (not only plain cuts)
 
     def model_class(self) -> type:
         return _resolve(self.model)
@@ -146,6 +151,7 @@ MODELS: dict[str, ModelEntry] = {
             collator="speech_models.salm:SALMCollator",
             metrics=(LOSS, ACCURACY, Metric("wer", "min", score=corpus_wer)),
             transcribes=True,
+            conversations=True,
         ),
         # Collators live apart from the duplex models so that collate-only Ray Data tasks do not import them.
         ModelEntry(

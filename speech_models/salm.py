@@ -13,20 +13,27 @@ id may lie past the last embedding row, so it is replaced by id 0 before embeddi
 is overwritten by audio frames anyway), and the LM head (as many rows as the embedding) can never predict it.
 
 Batch format (what `SALMCollator` emits and `SALM.forward` / `validation_step` read):
-    audios      float32 (N_audio, T_max)  zero-padded waveforms, in placeholder order (batch-major)
+    audios      float32 (N_audio, T_max)  zero-padded waveforms, in placeholder order (batch-major); (0, 0) when
+                                          the batch is text only
     audio_lens  int64   (N_audio,)
-    input_ids   int64   (B, L)            left-padded prompt + answer (+ EOS)
-    loss_mask   bool    (B, L)            True where the token is a target (assistant answer tokens, EOS)
-    prompt_ids  int64   (B, Lp)           left-padded prompt only, ending with the assistant header
-    references  list[str]                 transcripts (for WER / BLEU)
+    input_ids   int64   (B, L)            left-padded prompt + answer (+ EOS); a conversation holds every turn
+    loss_mask   bool    (B, L)            True where the token is a target (every assistant answer, its EOS)
+    prompt_ids  int64   (B, Lp)           left-padded prompt of the last answer, ending with the assistant header
+    answerable  bool    (B,)              the row has a prompt to answer (text for language modelling has none)
+    references  list[str]                 the last answers (transcripts: for WER / BLEU)
     cut_ids     list[str]
+
+Examples are plain cuts (audio + transcript, prompted "[context] <audio>" -> transcript) or conversations with any
+number of text and audio turns (orchestrator.data.examples); text-only examples have no audio.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Sequence
+from itertools import groupby
 from typing import Any
 
 import numpy as np
@@ -234,9 +241,57 @@ class SALMCollator:
         return self._tokenizer
 
     def turns(self, text: str) -> list[dict[str, str]]:
-        user = f"{self.context} {self.audio_locator_tag}" if self.context else self.audio_locator_tag
-        turns = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        """The prompt of a plain cut with this collator's context and system prompt."""
+        return self._single_turn(text, self.context, self.system_prompt)
+
+    def _single_turn(self, text: str, context: str | None, system_prompt: str | None) -> list[dict[str, str]]:
+        user = f"{context} {self.audio_locator_tag}" if context else self.audio_locator_tag
+        turns = [{"role": "system", "content": system_prompt}] if system_prompt else []
         return [*turns, {"role": "user", "content": user}, {"role": "assistant", "content": text}]
+
+    def dialog(self, example: dict[str, Any]) -> list[dict[str, str]]:
+        """The chat turns of one example. A plain cut: "[context] <audio tag>" -> its transcript. A conversation: its
+        own turns, audio turns as the audio tag and consecutive turns of one speaker joined (NeMo's format fn), with
+        the context before a first user audio turn and the system prompt first (NeMo's conversation adapters).
+        The example's input tags (context, system_prompt) win over the collator's own."""
+        tags = example.get("tags") or {}
+        context = tags.get("context") if tags else self.context
+        system_prompt = tags.get("system_prompt") if tags else self.system_prompt
+        if "turns" not in example:
+            return self._single_turn(example["text"], context, system_prompt)
+        raw = [
+            (t["role"], self.audio_locator_tag if "audio" in t else t["text"], "audio" in t) for t in example["turns"]
+        ]
+        if context and raw and raw[0][0] == "user" and raw[0][2]:
+            raw.insert(0, ("user", context, False))
+        if system_prompt and (not raw or raw[0][0] != "system"):
+            raw.insert(0, ("system", system_prompt, False))
+        return [
+            {"role": role, "content": " ".join(content for _, content, _ in group)}
+            for role, group in groupby(raw, key=lambda turn: turn[0])
+        ]
+
+    def encode(self, example: dict[str, Any]) -> tuple[list[int], list[bool]]:
+        """(token ids, loss mask) of one example; an example keeps what `token_lengths` computed ("encoded")."""
+        if example.get("encoded") is not None:
+            return example["encoded"]
+        return encode_dialog(self.dialog(example), self.tokenizer, self.prompt_format)
+
+    def token_lengths(
+        self, example: dict[str, Any], token_equivalent_duration: float | None
+    ) -> tuple[tuple[int, int, int], Any]:
+        """NeMo's lengths of an example without its audio (orchestrator.data.examples.measure_example): input = the
+        context's text tokens + audio frames (each audio is ceil(duration / token_equivalent_duration) frames in
+        place of its one placeholder token), output = the last answer's tokens; text = every text token.
+        Returns ((input, output, text), the encoding, which `__call__` reuses)."""
+        ids, mask = self.encode(example)
+        answer = _last_target_run(mask)
+        frames = 0
+        if example.get("audio_durations"):
+            if not token_equivalent_duration:
+                raise ValueError("token_equivalent_duration must be set to count audio frames as tokens")
+            frames = sum(max(1, math.ceil(d / token_equivalent_duration)) - 1 for d in example["audio_durations"])
+        return (len(ids) - answer + frames, answer, len(ids)), (ids, mask)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         if not examples:
@@ -245,14 +300,17 @@ class SALMCollator:
         pad = text_pad_id(tokenizer)
         ids_rows, mask_rows, prompt_rows = [], [], []
         for ex in examples:
-            ids, mask = encode_dialog(self.turns(ex["text"]), tokenizer, self.prompt_format)
-            first_target = mask.index(True) if True in mask else len(ids)
+            ids, mask = self.encode(ex)
             ids_rows.append(ids)
             mask_rows.append(mask)
-            prompt_rows.append(ids[:first_target])
-        audios = [np.asarray(ex["audio"], dtype=np.float32).reshape(-1) for ex in examples]
+            prompt_rows.append(ids[: len(ids) - _last_target_run(mask)])
+        audios = [
+            np.asarray(a, dtype=np.float32).reshape(-1)
+            for ex in examples
+            for a in (ex["audios"] if "turns" in ex else [ex["audio"]])
+        ]
         audio_lens = np.array([a.shape[0] for a in audios], dtype=np.int64)
-        padded_audio = np.zeros((len(audios), int(audio_lens.max())), dtype=np.float32)
+        padded_audio = np.zeros((len(audios), int(audio_lens.max(initial=0))), dtype=np.float32)
         for i, a in enumerate(audios):
             padded_audio[i, : a.shape[0]] = a
         return {
@@ -261,9 +319,19 @@ class SALMCollator:
             "input_ids": _left_pad(ids_rows, pad, np.int64),
             "loss_mask": _left_pad(mask_rows, False, np.bool_),
             "prompt_ids": _left_pad(prompt_rows, pad, np.int64),
+            "answerable": np.array([len(p) > 0 for p in prompt_rows], dtype=np.bool_),
             "references": [ex["text"] for ex in examples],
             "cut_ids": [str(ex["id"]) for ex in examples],
         }
+
+
+def _last_target_run(mask: list[bool]) -> int:
+    """Tokens in the last run of targets that ends the sequence's targets: the last answer (NeMo's answer_ids)."""
+    end = max((i for i, m in enumerate(mask) if m), default=-1)
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return end - start + 1 if end >= 0 else 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,6 +422,9 @@ class SALM(nn.Module):
         """-> valid frames of every audio back to back (sum T_k, H), and T_k (K,)."""
         audio = self._tensor(audios, torch.float32)
         lens = self._tensor(audio_lens, torch.long)
+        if audio.shape[0] == 0:  # a text-only batch
+            width = self.embed_tokens.weight.shape[1]
+            return audio.new_zeros(0, width), lens.new_zeros(0)
         chunk = self.cfg.encoder_chunk_size_seconds
         if (
             chunk is not None
@@ -421,6 +492,10 @@ class SALM(nn.Module):
         loss = F.cross_entropy(
             logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         ) / num_tokens.clamp(min=1)
+        if np.shape(batch["audios"])[0] == 0:
+            # A text-only batch leaves the audio side out of the graph; DDP needs a gradient for every trainable
+            # parameter on every rank, so they join it with a zero weight.
+            loss = loss + 0.0 * sum(p.sum() for p in self.perception.parameters() if p.requires_grad)
         return {"loss": loss, "num_target_tokens": num_tokens.detach()}
 
     @torch.no_grad()
@@ -435,22 +510,51 @@ class SALM(nn.Module):
         )
         num_correct = ((logits.argmax(dim=-1) == targets) & valid).sum()
 
-        prompts = self._tensor(batch["prompt_ids"], torch.long)
-        prompt_embeds, _, prompt_attention = _splice(
-            prompts, self.embed_text(prompts), self.text_pad_id, self.audio_locator_tag_id, rep_flat, rep_lens, None
-        )
-        if max_new_tokens is None:
-            # Cap generation at twice the longest reference answer (plus slack): a random or diverging
-            # model would otherwise spend DEFAULT_MAX_NEW_TOKENS decoding steps on every batch.
-            answer_len = int(torch.as_tensor(batch["loss_mask"]).sum(dim=1).max())
-            max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, 2 * answer_len + 8)
-        _, hypotheses = self._generate_from_embeds(prompt_embeds, prompt_attention, max_new_tokens=max_new_tokens)
+        # Generation answers the rows that have a prompt (language-modelling text has none: loss and accuracy only).
+        answerable = np.asarray(batch.get("answerable", np.ones(len(batch["references"]), dtype=bool)), dtype=bool)
+        references = [r for r, keep in zip(batch["references"], answerable, strict=True) if keep]
+        hypotheses: list[str] = []
+        if references:
+            prompts = self._tensor(np.asarray(batch["prompt_ids"])[answerable], torch.long)
+            prompt_embeds, _, prompt_attention = _splice(
+                prompts, self.embed_text(prompts), self.text_pad_id, self.audio_locator_tag_id, rep_flat, rep_lens, None
+            )
+            if max_new_tokens is None:
+                # Cap generation at twice the longest reference answer (plus slack): a random or diverging
+                # model would otherwise spend DEFAULT_MAX_NEW_TOKENS decoding steps on every batch.
+                answer_len = int(torch.as_tensor(batch["loss_mask"]).sum(dim=1).max())
+                max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, 2 * answer_len + 8)
+            _, hypotheses = self._generate_from_embeds(prompt_embeds, prompt_attention, max_new_tokens=max_new_tokens)
         return {
             "loss_sum": float(loss_sum),
             "num_tokens": int(valid.sum()),
             "num_correct": int(num_correct),
             "hypotheses": hypotheses,
-            "references": list(batch["references"]),
+            "references": references,
+        }
+
+    def profiling_batch(self, batch_size: int, audio_seconds: float, text_tokens: int, seed: int = 0) -> dict[str, Any]:
+        """A synthetic batch for the batch-size planner (NeMo's `oomptimizer_schema`): `batch_size` rows, each a
+        short prompt, `audio_seconds` of noise in place of one audio placeholder (none at 0 s), and `text_tokens`
+        answer tokens with loss."""
+        rng = np.random.default_rng(seed)
+        rate = self.cfg.perception.preprocessor.sample_rate
+        samples = round(audio_seconds * rate)
+        vocab = self.embed_tokens.num_embeddings
+        prompt = rng.integers(0, vocab, size=4).tolist() + ([self.audio_locator_tag_id] if samples else [])
+        answer = rng.integers(0, vocab, size=max(1, text_tokens)).tolist()
+        ids = np.array([prompt + answer] * batch_size, dtype=np.int64)  # (B, L)
+        mask = np.array([[False] * len(prompt) + [True] * len(answer)] * batch_size)  # (B, L)
+        audios = (rng.standard_normal((batch_size if samples else 0, samples)) * 0.1).astype(np.float32)
+        return {
+            "audios": audios,  # (N_audio, T)
+            "audio_lens": np.full(audios.shape[0], samples, dtype=np.int64),
+            "input_ids": ids,
+            "loss_mask": mask,
+            "prompt_ids": ids[:, : len(prompt)],
+            "answerable": np.ones(batch_size, dtype=np.bool_),
+            "references": [""] * batch_size,
+            "cut_ids": [f"probe-{i}" for i in range(batch_size)],
         }
 
     # -- inference -----------------------------------------------------------------------------

@@ -6,7 +6,14 @@ import random
 
 import pytest
 
-from orchestrator.data.bucketing import BatchingSpec, DurationBucketer, estimate_duration_bins, padding_fraction
+from orchestrator.data.bucketing import (
+    BatchingSpec,
+    Bucketer,
+    DurationBucketer,
+    estimate_2d_bins,
+    estimate_duration_bins,
+    padding_fraction,
+)
 
 
 def run(spec: BatchingSpec, durations: list[float]) -> list[list[float]]:
@@ -103,3 +110,51 @@ def test_bucketing_cuts_padding_below_ten_percent():
 def test_spec_errors_name_the_key(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BatchingSpec(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- tokens, 2-D
+
+
+def run_with(spec: BatchingSpec, lengths: list) -> list[list]:
+    bucketer = Bucketer(spec, lambda x: x)
+    batches = [batch for x in lengths if bucketer.bucket_of(x) is not None for batch in bucketer.add(x)]
+    return batches + bucketer.flush()
+
+
+def test_batch_tokens_bound_padded_slots_like_lhotses_token_constraint():
+    tokens = [float(t) for t in random.Random(0).choices(range(5, 400), k=3000)]
+    batches = run_with(BatchingSpec(batch_tokens=1000, duration_bins=(50.0, 100.0, 200.0)), tokens)
+    assert sorted(x for b in batches for x in b) == sorted(tokens)
+    assert all(len(b) * max(b) <= 1000 for b in batches)  # examples x longest, not the sum
+    quadratic = run_with(BatchingSpec(batch_tokens=1000, quadratic_factor=100.0), tokens)
+    assert all(len(b) * max(t + t * t / 100.0 for t in b) <= 1000 or len(b) == 1 for b in quadratic)
+
+
+def test_2d_buckets_follow_nemos_strict_and_lenient_selection():
+    bins = ((10.0, 5.0), (10.0, 10.0), (20.0, 12.0), (20.0, 18.0))
+    strict = Bucketer(BatchingSpec(bucket_batch_size=(1, 1, 1, 1), duration_bins=bins), lambda x: x)
+    lenient = Bucketer(BatchingSpec(bucket_batch_size=(1, 1, 1, 1), duration_bins=bins, strict_2d=False), lambda x: x)
+    assert (
+        strict.bucket_of((8.0, 4.0)) == 0 and strict.bucket_of((8.0, 7.0)) == 1 and strict.bucket_of((15.0, 13.0)) == 3
+    )
+    assert strict.bucket_of((8.0, 11.0)) is None and lenient.bucket_of((8.0, 11.0)) == 2  # NeMo's own example
+    assert strict.bucket_of((25.0, 1.0)) is None and lenient.bucket_of((25.0, 1.0)) is None
+
+
+def test_fixed_batch_sizes_per_bucket_and_nothing_past_the_last_bin():
+    spec = BatchingSpec(bucket_batch_size=(4, 2), duration_bins=(5.0, 10.0))
+    bucketer = Bucketer(spec, float)
+    assert bucketer.bucket_of(12.0) is None  # NeMo's FixedBucketBatchSizeConstraint2D: no bucket
+    batches = run_with(spec, [1.0, 7.0, 2.0, 3.0, 8.0, 4.0, 9.0, 12.0])
+    assert batches == [[7.0, 8.0], [1.0, 2.0, 3.0, 4.0], [9.0]]
+
+
+def test_estimated_2d_bins_cover_every_example():
+    rng = random.Random(0)
+    pairs = [(float(a), float(rng.randint(1, max(1, a // 4)))) for a in (rng.randint(10, 500) for _ in range(3000))]
+    bins = estimate_2d_bins(pairs, num_buckets=4, num_subbuckets=3)
+    assert bins == sorted(bins) and len({b[0] for b in bins}) == 4
+    bucketer = Bucketer(
+        BatchingSpec(bucket_batch_size=tuple([1] * len(bins)), duration_bins=tuple(map(tuple, bins))), lambda x: x
+    )
+    assert all(bucketer.bucket_of(p) is not None for p in pairs)

@@ -158,7 +158,17 @@ def test_collator_batch_format(cfg, llm_dir):
     batch = collator(examples)
     assert collator._tokenizer is not None  # loaded lazily on first call...
     assert pickle.loads(pickle.dumps(collator))._tokenizer is None  # ...and never shipped with the pickle
-    assert set(batch) == {"audios", "audio_lens", "input_ids", "loss_mask", "prompt_ids", "references", "cut_ids"}
+    assert set(batch) == {
+        "audios",
+        "audio_lens",
+        "input_ids",
+        "loss_mask",
+        "prompt_ids",
+        "answerable",
+        "references",
+        "cut_ids",
+    }
+    assert batch["answerable"].tolist() == [True] * 3
     assert batch["audios"].dtype == np.float32 and batch["audios"].shape == (3, 16000)
     assert batch["audio_lens"].tolist() == [16000, 12800, 9600] and batch["audio_lens"].dtype == np.int64
     np.testing.assert_array_equal(batch["audios"][1, :12800], examples[1]["audio"])
@@ -272,3 +282,77 @@ def test_registry_builds_salm_and_collator(cfg):
 
     assert type(build_model(cfg)).__name__ == "SALM"
     assert isinstance(build_collator(cfg, DataConfig(), DatasetConfig()), SALMCollator)
+
+
+# ---------------------------------------------------------------------------------------------- conversations, text
+
+
+def conversation_examples(seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    audio = [(rng.standard_normal(n) * 0.1).astype(np.float32) for n in (16000, 8000)]
+    conversation = {
+        "id": "conv",
+        "duration": 1.5,
+        "text": "fine thanks",
+        "turns": [
+            {"role": "user", "text": "hi"},
+            {"role": "user", "audio": 0},
+            {"role": "assistant", "text": "hello"},
+            {"role": "user", "audio": 1},
+            {"role": "assistant", "text": "fine thanks"},
+        ],
+        "audios": audio,
+        "tags": {},
+    }
+    text_only = {
+        "id": "lm",
+        "duration": 0.0,
+        "text": "the sky is blue",
+        "turns": [{"role": "assistant", "text": "the sky is blue"}],
+        "audios": [],
+        "tags": {},
+    }
+    return [conversation, text_only]
+
+
+def test_collator_trains_every_assistant_turn_of_a_conversation_and_nothing_else(cfg):
+    collator = SALMCollator(cfg, DataConfig(), DatasetConfig())
+    conversation, text_only = conversation_examples()
+    batch = collator([conversation, text_only])
+    tok = collator.tokenizer
+    tag = tok.convert_tokens_to_ids(cfg.audio_locator_tag)
+    assert batch["audios"].shape == (2, 16000) and batch["audio_lens"].tolist() == [16000, 8000]
+    assert [row.tolist().count(tag) for row in batch["input_ids"]] == [2, 0]
+    assert tok.decode(batch["input_ids"][0][batch["loss_mask"][0]]) == "hello </s>fine thanks </s>"  # both answers
+    assert tok.decode(batch["input_ids"][1][batch["loss_mask"][1]]) == "the sky is blue </s>"
+    assert batch["answerable"].tolist() == [True, False] and batch["references"] == ["fine thanks", "the sky is blue"]
+    prompt = batch["prompt_ids"][0][batch["prompt_ids"][0] != tok.pad_token_id].tolist()
+    assert prompt.count(tag) == 2 and tok.decode(prompt).endswith("[/INST]")  # everything before the last answer
+    # Token lengths as NeMo counts them: each audio is ceil(seconds / 0.08) frames in place of its placeholder.
+    (inputs, outputs, text), (ids, _) = collator.token_lengths(
+        {**conversation, "audio_durations": [1.0, 0.5]}, token_equivalent_duration=0.08
+    )
+    assert ids == batch["input_ids"][0][batch["input_ids"][0] != tok.pad_token_id].tolist()
+    answer = len(tok("fine thanks", add_special_tokens=False)["input_ids"]) + 2  # "fine thanks" + " " + eos
+    assert outputs == answer and text == len(ids) and inputs == len(ids) - answer + (13 - 1) + (7 - 1)
+
+
+def test_text_only_batches_train_and_validate_with_every_rank_in_step(cfg):
+    """No audio: the perception still joins the graph (DDP needs a gradient for every trainable parameter)."""
+    torch.manual_seed(0)
+    model = SALM(cfg)
+    collator = SALMCollator(cfg, DataConfig(), DatasetConfig())
+    _, text_only = conversation_examples()
+    batch = collator(
+        [text_only, {**text_only, "id": "lm2", "text": "two", "turns": [{"role": "assistant", "text": "two"}]}]
+    )
+    assert batch["audios"].shape == (0, 0)
+    out = model(batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and int(out["num_target_tokens"]) > 0
+    assert all(p.grad is not None for p in model.perception.parameters() if p.requires_grad)
+    model.eval()
+    scored = model.validation_step(batch)
+    assert scored["num_tokens"] > 0 and scored["hypotheses"] == [] and scored["references"] == []
+    mixed = model.validation_step(collator(conversation_examples()))
+    assert mixed["references"] == ["fine thanks"] and len(mixed["hypotheses"]) == 1

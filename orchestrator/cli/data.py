@@ -1,4 +1,5 @@
-"""`speechlm data demo|shar|inspect`: build demo assets, convert audio to Lhotse Shar, check Shar sets.
+"""`speechlm data demo|shar|inspect|estimate-bins|plan-batches`: build demo assets, convert data to Lhotse Shar,
+check data sets, estimate bucket bins from a config's data, and plan the batch size of every bucket on a device.
 
 Exit codes follow `orchestrator.cli.common`: 0 success, 1 broken data found, 2 bad input.
 Heavy imports (lhotse, transformers) happen inside the commands so `speechlm --help` stays fast.
@@ -87,9 +88,55 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_estimate_bins(args: argparse.Namespace) -> int:
+    from orchestrator.cli.main import load_from_args
+    from orchestrator.data.bins import estimate_bins
+    from orchestrator.data.shar import SharLayoutError
+
+    loaded = load_from_args(args)
+    try:
+        estimate = estimate_bins(
+            loaded.cfg, args.dataset, args.buckets, args.sub_buckets, args.num_examples, seed=args.seed
+        )
+    except (SharLayoutError, *_INPUT_ERRORS) as err:
+        return bad_input(err)
+    print(estimate.format())
+    return EXIT_OK
+
+
+def cmd_plan_batches(args: argparse.Namespace) -> int:
+    import json
+
+    from orchestrator.cli.main import load_from_args
+    from orchestrator.training.batch_planner import plan_batches
+
+    loaded = load_from_args(args)
+    try:
+        bins = json.loads(args.bins) if args.bins else None
+    except json.JSONDecodeError as err:
+        return bad_input(f"--bins {args.bins!r} is not a JSON list ({err}); e.g. --bins '[4.0, 8.0, 16.0]'")
+    try:
+        plan = plan_batches(
+            loaded.cfg,
+            device=args.device,
+            memory_gb=args.memory_gb,
+            memory_fraction=args.memory_fraction,
+            ratio=args.ratio,
+            bins=bins,
+            start_batch_size=args.start_batch_size,
+            max_batch_size=args.max_batch_size,
+            threshold=args.threshold,
+            progress=None if args.quiet else print,
+        )
+    except _INPUT_ERRORS as err:
+        return bad_input(err)
+    print(plan.format())
+    return EXIT_OK
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Register the `data` command group (demo, shar, inspect) on the top-level subparsers."""
-    data = subparsers.add_parser("data", help="demo assets and Lhotse Shar tools")
+    data = subparsers.add_parser("data", help="demo assets, data conversion and checks, bucket and batch planning")
     sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
 
     demo = sub.add_parser(
@@ -147,3 +194,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--no-decode", action="store_true", help="do not decode the audio (faster; damaged audio goes unnoticed)"
     )
     inspect.set_defaults(func=cmd_inspect)
+
+    from orchestrator.cli.main import add_config_arguments
+
+    bins = sub.add_parser(
+        "estimate-bins",
+        help="bucket_duration_bins from a sample of a config's data (NeMo's estimate_duration/token_bins)",
+        description="Reads the dataset as training does (inputs, mixing shares, filters, prompt format, tokenizer; "
+        "manifests only, no audio decoded) and prints num_buckets and bucket_duration_bins: seconds, or tokens with "
+        "use_multimodal_sampling; with --sub-buckets, NeMo's 2-D [first, second] bins for plan-batches.",
+    )
+    add_config_arguments(bins)
+    bins.add_argument("--dataset", default="train", help="train (default) or a validation set name")
+    bins.add_argument("--buckets", type=positive_int, default=None, help="buckets (default: the config's num_buckets)")
+    bins.add_argument("--sub-buckets", type=positive_int, default=None, help="2-D: sub-buckets per bucket")
+    bins.add_argument("--num-examples", type=positive_int, default=10000, help="examples to measure")
+    bins.add_argument("--seed", type=int, default=0, help="which shards are sampled")
+    bins.set_defaults(func=cmd_estimate_bins)
+
+    plan = sub.add_parser(
+        "plan-batches",
+        help="the largest batch per bucket that fits the device, by running training steps (NeMo's OOMptimizer)",
+        description="Builds the config's model on the device and, bucket by bucket from the longest, searches the "
+        "largest batch whose training step (forward, backward, optimizer) fits the memory budget; prints "
+        "bucket_duration_bins and bucket_batch_size. Run it on the GPU type of the long job. On CPU the peak of "
+        "live tensors is measured against --memory-gb.",
+    )
+    add_config_arguments(plan)
+    plan.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    plan.add_argument("--memory-gb", type=positive_float, default=None, help="memory budget (default: a fraction)")
+    plan.add_argument("--memory-fraction", type=positive_float, default=0.9, help="of the device memory (0.9)")
+    plan.add_argument("--ratio", type=positive_float, default=0.25, help="answer tokens per input token (1-D bins)")
+    plan.add_argument("--bins", default=None, help="JSON list of bins (default: the config's bucket_duration_bins)")
+    plan.add_argument("--start-batch-size", type=positive_int, default=1)
+    plan.add_argument("--max-batch-size", type=positive_int, default=1024)
+    plan.add_argument("--threshold", type=positive_float, default=0.05, help="stop when the gap is this relative")
+    plan.add_argument("--quiet", action="store_true", help="print only the result")
+    plan.set_defaults(func=cmd_plan_batches)

@@ -38,6 +38,7 @@ def check_experiment(cfg: ExperimentConfig, problems: list[str]) -> None:
     _check_model(cfg, problems)
     _check_monitor(cfg, problems)
     _check_dataset(cfg.data.train_ds, "data.train_ds", problems)
+    _check_dataset_for_model(cfg, cfg.data.train_ds, "data.train_ds", problems)
     if cfg.data.validation_ds is not None:
         if not cfg.data.validation_ds.datasets:
             problems.append(
@@ -46,6 +47,7 @@ def check_experiment(cfg: ExperimentConfig, problems: list[str]) -> None:
             )
         for name, ds in cfg.data.validation_ds.datasets.items():
             _check_dataset(ds, f"data.validation_ds.datasets.{name}", problems)
+            _check_dataset_for_model(cfg, ds, f"data.validation_ds.datasets.{name}", problems)
 
 
 def _check_trainer(cfg: ExperimentConfig, problems: list[str]) -> None:
@@ -234,35 +236,183 @@ def _check_conformer(enc: ConformerConfig, path: str, problems: list[str]) -> No
 
 
 def _check_dataset(ds: DatasetConfig, path: str, problems: list[str]) -> None:
-    if ds.batch_size is None and ds.batch_duration is None:
-        problems.append(
-            f"{path}: neither batch_size nor batch_duration is set; set batch_size (cuts per batch) "
-            "or batch_duration (seconds of audio per batch)"
-        )
-    for key in ("batch_size", "batch_duration"):
+    multimodal = ds.use_multimodal_sampling
+    if (
+        ds.batch_size is None
+        and ds.bucket_batch_size is None
+        and (ds.batch_tokens is None if multimodal else ds.batch_duration is None)
+    ):
+        if multimodal:
+            problems.append(
+                f"{path}: use_multimodal_sampling counts tokens, and neither batch_tokens nor batch_size is set; set "
+                "batch_tokens (token slots per batch: text tokens + audio frames), batch_size, or bucket_batch_size"
+                + (
+                    " (batch_duration counts seconds and is not used with multimodal sampling)"
+                    if ds.batch_duration
+                    else ""
+                )
+            )
+        else:
+            problems.append(
+                f"{path}: neither batch_size nor batch_duration is set; set batch_size (cuts per batch) "
+                "or batch_duration (seconds of audio per batch)"
+            )
+    for key in ("batch_size", "batch_duration", "batch_tokens", "quadratic_factor", "token_equivalent_duration"):
         value = getattr(ds, key)
         if value is not None and value <= 0:
             problems.append(f"{path}.{key}: {value} must be positive")
-    if ds.use_bucketing and ds.bucket_duration_bins is not None:
-        bins = ds.bucket_duration_bins
-        if any(nxt <= prev for prev, nxt in itertools.pairwise(bins)):
-            problems.append(f"{path}.bucket_duration_bins: {bins} must be strictly increasing")
-        if len(bins) != ds.num_buckets:
-            problems.append(
-                f"{path}.bucket_duration_bins: {len(bins)} bins do not match num_buckets ({ds.num_buckets}); "
-                "give one upper duration edge per bucket, or drop the bins to estimate them from the data"
-            )
+    if multimodal and ds.token_equivalent_duration is None:
+        problems.append(
+            f"{path}.token_equivalent_duration: not set, but use_multimodal_sampling counts each audio frame as a "
+            "token; set it to the encoder's frame in seconds (window_stride x subsampling_factor, e.g. 0.08)"
+        )
+    _check_bins(ds, path, problems)
+    if ds.min_tokens is not None and ds.max_tokens is not None and ds.min_tokens > ds.max_tokens:
+        problems.append(f"{path}.min_tokens: {ds.min_tokens} must not exceed max_tokens ({ds.max_tokens})")
     if ds.min_duration >= ds.max_duration:
         problems.append(f"{path}.min_duration: {ds.min_duration} must be below max_duration ({ds.max_duration})")
     if ds.shar_path is None and not ds.input_cfg:
         problems.append(
             f"{path}: no data; set shar_path (a Lhotse Shar dir, a list of dirs, or an fsspec URL) or input_cfg"
         )
-    for i, entry in enumerate(ds.input_cfg):
-        if entry.type == "lhotse_shar" and not entry.shar_path:
+    _check_inputs(ds.input_cfg, f"{path}.input_cfg", problems)
+    if _has_text_only(ds.input_cfg) and not multimodal and ds.batch_size is None and ds.bucket_batch_size is None:
+        problems.append(
+            f"{path}: text-only inputs have no audio duration, so batch_duration cannot bound their batches; set "
+            "use_multimodal_sampling: true with batch_tokens (and token_equivalent_duration), or a batch_size"
+        )
+
+
+def _check_bins(ds: DatasetConfig, path: str, problems: list[str]) -> None:
+    bins = ds.bucket_duration_bins
+    two_d = bool(bins) and isinstance(bins[0], list)
+    if bins is not None and (ds.use_bucketing or ds.bucket_batch_size is not None):
+        if two_d:
+            if any(not isinstance(b, list) or len(b) != 2 for b in bins):
+                problems.append(f"{path}.bucket_duration_bins: 2-D bins must all be [first, second] pairs, got {bins}")
+            elif any(tuple(nxt) < tuple(prev) for prev, nxt in itertools.pairwise(bins)):
+                problems.append(f"{path}.bucket_duration_bins: 2-D bins {bins} must be sorted")
+            elif ds.bucket_batch_size is None and not (ds.use_multimodal_sampling and ds.batch_tokens is not None):
+                problems.append(
+                    f"{path}.bucket_duration_bins: 2-D bins need bucket_batch_size (one batch size per bucket, from "
+                    "`speechlm data plan-batches`) or use_multimodal_sampling with batch_tokens"
+                )
+        elif any(isinstance(b, list) for b in bins):
+            problems.append(f"{path}.bucket_duration_bins: {bins} mixes numbers and [first, second] pairs")
+        else:
+            if any(nxt <= prev for prev, nxt in itertools.pairwise(bins)):
+                problems.append(f"{path}.bucket_duration_bins: {bins} must be strictly increasing")
+            # NeMo's configs give one upper edge per bucket; its estimate scripts print num_buckets - 1 edges.
+            if ds.bucket_batch_size is None and len(bins) not in (ds.num_buckets, ds.num_buckets - 1):
+                problems.append(
+                    f"{path}.bucket_duration_bins: {len(bins)} bins do not match num_buckets ({ds.num_buckets}); "
+                    "give one upper duration edge per bucket, or drop the bins to estimate them from the data"
+                )
+    if ds.bucket_batch_size is not None:
+        if bins is None:
             problems.append(
-                f"{path}.input_cfg[{i}].shar_path: missing; point it at a Lhotse Shar directory, "
-                "a list of them, or an fsspec URL (s3://...)"
+                f"{path}.bucket_batch_size: set, but bucket_duration_bins is not; give the bins the batch sizes "
+                "were planned for (`speechlm data plan-batches` prints both)"
             )
-        if entry.type == "lhotse_as_conversation" and not (entry.cuts_path or entry.shar_path):
-            problems.append(f"{path}.input_cfg[{i}].cuts_path: missing; point it at a Lhotse Shar directory")
+        elif len(ds.bucket_batch_size) != len(bins):
+            problems.append(
+                f"{path}.bucket_batch_size: {len(ds.bucket_batch_size)} sizes for {len(bins)} buckets; give one "
+                "batch size per bucket_duration_bins entry"
+            )
+        if any(b < 1 for b in ds.bucket_batch_size):
+            problems.append(f"{path}.bucket_batch_size: {ds.bucket_batch_size} must all be at least 1")
+    elif two_d and not ds.use_bucketing:
+        problems.append(f"{path}.bucket_duration_bins: 2-D bins need use_bucketing: true")
+
+
+# The keys each input type reads (besides type, weight, tags, audio_locator_tag); others are reported as unused.
+_INPUT_KEYS = {
+    "lhotse_shar": ("shar_path",),
+    "lhotse": ("cuts_path", "shar_path"),
+    "lhotse_as_conversation": ("cuts_path", "shar_path"),
+    "nemo": ("manifest_filepath", "text_field", "lang_field"),
+    "nemo_tarred": (
+        "manifest_filepath", "tarred_audio_filepaths", "text_field", "lang_field", "skip_missing_manifest_entries"
+    ),
+    "multimodal_conversation": ("manifest_filepath", "tarred_audio_filepaths"),
+    "share_gpt": ("manifest_filepath", "tarred_audio_filepaths", "audio_placeholders", "audio_root"),
+    "txt": ("paths", "language"),
+    "txt_jsonl": ("paths", "language", "text_field"),
+    "nemo_sft_jsonl": ("paths", "language"),
+    "group": ("input_cfg",),
+}  # fmt: skip
+_REQUIRED_INPUT_KEYS = {
+    "lhotse_shar": (("shar_path",), "a Lhotse Shar directory, a list of them, or an fsspec URL (s3://...)"),
+    "lhotse": (("cuts_path", "shar_path"), "a Lhotse cuts manifest (cuts.jsonl.gz) or a Shar directory"),
+    "lhotse_as_conversation": (("cuts_path", "shar_path"), "a Lhotse cuts manifest or a Shar directory"),
+    "nemo": (("manifest_filepath",), "a NeMo JSON-lines manifest (audio_filepath, duration, text)"),
+    "nemo_tarred": (("manifest_filepath",), "NeMo manifest shards, e.g. manifest__OP_0..127_CL_.json"),
+    "multimodal_conversation": (("manifest_filepath",), "a JSONL file of NeMo multimodal conversations"),
+    "share_gpt": (("manifest_filepath",), "a ShareGPT-style JSONL file"),
+    "txt": (("paths",), "text files, one example per line"),
+    "txt_jsonl": (("paths",), "JSONL files with a text field"),
+    "nemo_sft_jsonl": (("paths",), "NeMo SFT chat JSONL files"),
+    "group": (("input_cfg",), "a list of input entries"),
+}
+
+
+def _check_inputs(entries, path: str, problems: list[str]) -> None:
+    from orchestrator.config.schema import InputConfig
+
+    defaults = InputConfig()
+    for i, entry in enumerate(entries):
+        where = f"{path}[{i}]"
+        keys, what = _REQUIRED_INPUT_KEYS[entry.type]
+        if all(not getattr(entry, key) for key in keys):
+            problems.append(f"{where}.{keys[0]}: missing; point it at {what} (type {entry.type})")
+        if entry.type == "nemo_tarred" and not entry.tarred_audio_filepaths:
+            problems.append(
+                f"{where}.tarred_audio_filepaths: missing; type nemo_tarred reads its audio from tars "
+                "(audio__OP_0..127_CL_.tar), or use type nemo for audio files"
+            )
+        for key in ("shar_path", "cuts_path", "manifest_filepath", "tarred_audio_filepaths", "paths"):
+            if key not in _INPUT_KEYS[entry.type] and getattr(entry, key) != getattr(defaults, key):
+                users = [t for t, ks in _INPUT_KEYS.items() if key in ks]
+                problems.append(
+                    f"{where}.{key}: type {entry.type} does not read {key} (it is for {', '.join(users)}); "
+                    "remove it or change the type"
+                )
+        if entry.weight < 0:
+            problems.append(f"{where}.weight: {entry.weight} must not be negative")
+        if entry.type == "group":
+            _check_inputs(entry.input_cfg, f"{where}.input_cfg", problems)
+
+
+def _leaf_types(entries) -> list[str]:
+    out = []
+    for entry in entries:
+        out += _leaf_types(entry.input_cfg) if entry.type == "group" else [entry.type]
+    return out
+
+
+def _has_text_only(entries) -> bool:
+    from orchestrator.data.inputs import TEXT_TYPES
+
+    return any(t in TEXT_TYPES for t in _leaf_types(entries))
+
+
+def _check_dataset_for_model(cfg: ExperimentConfig, ds: DatasetConfig, path: str, problems: list[str]) -> None:
+    """What the dataset asks of the model's collator: reading conversations, counting tokens."""
+    from orchestrator.data.inputs import CONVERSATION_TYPES
+
+    if cfg.model.resolved_model_type() not in model_types():
+        return  # reported by _check_model
+    entry = entry_for(cfg.model)
+    if not entry.conversations:
+        for kind in sorted(set(_leaf_types(ds.input_cfg)) & set(CONVERSATION_TYPES)):
+            problems.append(
+                f"{path}.input_cfg: type {kind} holds conversations or text, which the {entry.name} model does not "
+                "read (it trains on cuts with audio); use it with a SALM model, or give this model cut-based inputs"
+            )
+    two_d = bool(ds.bucket_duration_bins) and isinstance(ds.bucket_duration_bins[0], list)
+    counts_tokens = ds.use_multimodal_sampling or two_d or ds.min_tokens is not None or ds.max_tokens is not None
+    if counts_tokens and not callable(getattr(entry.collator_class(), "token_lengths", None)):
+        problems.append(
+            f"{path}: use_multimodal_sampling, 2-D bins and min/max_tokens count an example's tokens, which the "
+            f"{entry.name} model's collator cannot; batch by batch_duration / batch_size instead"
+        )

@@ -99,18 +99,48 @@ class ExpManagerConfig:
     create_tensorboard_logger: bool = False  # accepted; not supported, warned about when true
 
 
+InputType = Literal[
+    "lhotse_shar",
+    "lhotse",
+    "lhotse_as_conversation",
+    "nemo",
+    "nemo_tarred",
+    "multimodal_conversation",
+    "share_gpt",
+    "txt",
+    "txt_jsonl",
+    "nemo_sft_jsonl",
+    "group",
+]
+
+
 @dataclass
 class InputConfig:
-    """One entry of `input_cfg` (NeMo's lhotse input config)."""
+    """One entry of `input_cfg` (NeMo's lhotse input config); `orchestrator.data.inputs` lists what each type reads.
 
-    type: Literal["lhotse_shar", "lhotse_as_conversation"] = "lhotse_shar"
+    Paths are local or fsspec URLs; `manifest_filepath`, `tarred_audio_filepaths`, `cuts_path` and `paths` take
+    NeMo's sharded notation (`audio__OP_0..127_CL_.tar`) and lists.
+    """
+
+    type: InputType = "lhotse_shar"
     # a dir, a list of dirs (or NeMo's [dir, weight] pairs), an fsspec URL, or {field: [shard URLs]} for
     # object stores that cannot list
     shar_path: str | list[Any] | dict[str, list[str]] | None = None
-    cuts_path: str | None = None  # lhotse_as_conversation: a cuts manifest or a Shar dir
+    cuts_path: str | list[str] | None = None  # lhotse / lhotse_as_conversation: a cuts manifest or a Shar dir
+    manifest_filepath: str | list[Any] | None = None  # nemo, nemo_tarred, multimodal_conversation, share_gpt
+    tarred_audio_filepaths: str | list[Any] | None = None  # the audio tars of a tarred manifest
+    paths: str | list[str] | None = None  # txt, txt_jsonl, nemo_sft_jsonl: the text files
+    # The entry's share of the examples (NeMo: mixed in proportion to the weights, whatever the sizes).
     weight: float = 1.0
     audio_locator_tag: str | None = None
     tags: dict[str, Any] = field(default_factory=dict)  # e.g. context / system_prompt for SALM prompts
+    text_field: str = "text"  # nemo*, txt_jsonl: the key holding the text
+    lang_field: str = "lang"  # nemo*: the key holding the language
+    language: str | None = None  # txt: the language of the text (informational)
+    audio_placeholders: str | list[str] | None = None  # share_gpt: marks of the audio in a turn (<sound>, <speech>)
+    audio_root: str | None = None  # share_gpt: where relative `sound` paths live (default: the manifest's dir)
+    skip_missing_manifest_entries: bool = False  # accepted (NeMo); tar members without an entry are always skipped
+    input_cfg: list[InputConfig] = field(default_factory=list)  # type group: nested entries
 
 
 @dataclass
@@ -130,9 +160,22 @@ class DatasetConfig:
     batch_duration: float | None = None  # seconds of audio per batch (dynamic batch size)
     use_bucketing: bool = False
     num_buckets: int = 30
-    bucket_duration_bins: list[float] | None = None
+    # Upper edges of the buckets: seconds (1-D), tokens (use_multimodal_sampling), or NeMo's 2-D
+    # [[seconds or input tokens, output tokens], ...] (`speechlm data estimate-bins` makes them from a sample)
+    bucket_duration_bins: list[float] | list[list[float]] | None = None
+    bucket_batch_size: list[int] | None = None  # a fixed batch size per bucket (`speechlm data plan-batches`)
+    bucketing_2d_strict_mode: bool = True  # 2-D: an example only goes to the sub-buckets of its first dimension
     bucket_buffer_size: int = 10000
-    min_duration: float = 0.1  # shorter cuts are dropped and counted
+    # Token-aware batching (NeMo's multimodal sampling): an example's length is its text tokens plus its audio
+    # frames (one per token_equivalent_duration seconds); batches hold at most batch_tokens padded token slots.
+    use_multimodal_sampling: bool = False
+    batch_tokens: int | None = None
+    quadratic_factor: float | None = None  # length L counts as L + L^2 / quadratic_factor (long examples cost more)
+    measure_total_length: bool = True  # length = context + answer (decoder-only); False: context only
+    min_tokens: int | None = None  # shorter examples are dropped and counted (too_few_tokens)
+    max_tokens: int | None = None  # longer examples are dropped and counted (too_many_tokens)
+    audio_locator_tag: str | None = None  # NeMo: propagated to every input_cfg entry
+    min_duration: float = 0.1  # shorter cuts are dropped and counted (not applied to text-only examples)
     max_duration: float = 40.0  # longer cuts are dropped and counted
     skip_corrupt: bool = True  # False = strict mode: a corrupt shard or cut is fatal
 

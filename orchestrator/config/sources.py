@@ -31,11 +31,7 @@ def source_problems(cfg: ExperimentConfig, notes: list[str] | None = None) -> li
     for key, ds in _datasets(cfg):
         if ds.shar_path is not None:
             problems += _shar_path_problems(f"{key}.shar_path", ds.shar_path)
-        for i, entry in enumerate(ds.input_cfg):
-            if entry.shar_path is not None:
-                problems += _shar_path_problems(f"{key}.input_cfg[{i}].shar_path", entry.shar_path)
-            if entry.cuts_path is not None:
-                problems += _shar_path_problems(f"{key}.input_cfg[{i}].cuts_path", entry.cuts_path)
+        problems += _input_problems(ds.input_cfg, f"{key}.input_cfg")
     for name in _PRETRAINED_KEYS:
         value = getattr(cfg.model, name)
         if isinstance(value, str) and not is_url(value):
@@ -48,6 +44,49 @@ def source_problems(cfg: ExperimentConfig, notes: list[str] | None = None) -> li
         if value and is_url(value) and (problem := url_problem(value)):
             problems.append(f"exp_manager.{key}: {problem}")
     return problems
+
+
+def _input_problems(entries: list, key: str) -> list[str]:
+    from orchestrator.data.lhotse_manifest import is_cuts_manifest
+
+    problems: list[str] = []
+    for i, entry in enumerate(entries):
+        where = f"{key}[{i}]"
+        if entry.shar_path is not None:
+            problems += _shar_path_problems(f"{where}.shar_path", entry.shar_path)
+        if entry.cuts_path is not None:
+            first = entry.cuts_path[0] if isinstance(entry.cuts_path, list) and entry.cuts_path else entry.cuts_path
+            if isinstance(first, str) and is_cuts_manifest(first):
+                problems += _files_problems(f"{where}.cuts_path", entry.cuts_path)
+            else:
+                problems += _shar_path_problems(f"{where}.cuts_path", entry.cuts_path)
+        for name in ("manifest_filepath", "tarred_audio_filepaths", "paths"):
+            if getattr(entry, name) is not None:
+                problems += _files_problems(f"{where}.{name}", getattr(entry, name))
+        if entry.input_cfg:
+            problems += _input_problems(entry.input_cfg, f"{where}.input_cfg")
+    return problems
+
+
+def _files_problems(key: str, spec: Any) -> list[str]:
+    """Manifest, tar or text files in NeMo's notation (a path, a brace pattern, a list, [path, weight] pairs):
+    the first one missing is reported (a list of 6,000 missing shards is one mistake)."""
+    from orchestrator.data.nemo_manifest import expand_paths
+
+    items = spec if isinstance(spec, list) else [spec]
+    flat = []
+    for item in items:
+        item = item[0] if isinstance(item, list) and item else item  # [path, weight] or [tar path]
+        flat.append(str(item))
+    try:
+        paths = expand_paths(flat)
+    except ValueError as exc:
+        return [f"{key}: {exc}"]
+    for path in paths:
+        if problem := _shard_file_problem(path):
+            more = f" (and maybe others of its {len(paths)} files)" if len(paths) > 1 else ""
+            return [f"{key}: {problem}{more}"]
+    return []
 
 
 def _datasets(cfg: ExperimentConfig) -> list[tuple[str, DatasetConfig]]:

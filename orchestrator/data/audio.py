@@ -10,9 +10,12 @@ import numpy as np
 from speech_models.audio import resample_array
 
 
-def decode_audio(data: bytes, manifest: bytes | None, sample_rate: int) -> np.ndarray:
+def decode_audio(
+    data: bytes, manifest: bytes | None, sample_rate: int, offset: float = 0.0, duration: float | None = None
+) -> np.ndarray:
     """Encoded audio -> float32 mono at `sample_rate`. soundfile first; lhotse (with the cut's manifest) for
-    formats soundfile cannot read (e.g. opus via ffmpeg)."""
+    formats soundfile cannot read (e.g. opus via ffmpeg). `offset` / `duration` (seconds) keep only that part of
+    the file (NeMo manifests' `offset`, a Lhotse cut's `start`)."""
     import soundfile as sf
 
     try:
@@ -29,6 +32,12 @@ def decode_audio(data: bytes, manifest: bytes | None, sample_rate: int) -> np.nd
         audio = recording.load_audio().astype(np.float32)
         audio = audio[0] if audio.shape[0] == 1 else audio.mean(axis=0)
         rate = recording.sampling_rate
+    if offset or duration is not None:
+        first = round(offset * rate)
+        last = len(audio) if duration is None else first + round(duration * rate)
+        if first >= len(audio):
+            raise ValueError(f"offset {offset:g} s is past the end of its {len(audio) / rate:g} s audio file")
+        audio = audio[first:last]
     return np.ascontiguousarray(resample_array(audio, int(rate), sample_rate), dtype=np.float32)
 
 

@@ -253,7 +253,9 @@ def convert_audio_dir_to_shar(
             try:
                 recording = Recording.from_file(path, recording_id=cut_id)
             except Exception as exc:
-                raise AudioFileError(f"{path} is not an audio file soundfile can read ({exc}); fix or remove it") from None
+                raise AudioFileError(
+                    f"{path} is not an audio file soundfile can read ({exc}); fix or remove it"
+                ) from None
             cut = recording.to_cut()
             text = " ".join(path.with_suffix(".txt").read_text(encoding="utf-8").split())
             cut.supervisions = [

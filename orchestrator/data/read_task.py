@@ -37,11 +37,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from orchestrator.data.audio import decode_audio
-from orchestrator.data.bucketing import DurationBucketer
-from orchestrator.data.plan import DatasetPlan, InputPlan
+from orchestrator.data.bucketing import Bucketer
+from orchestrator.data.examples import measure_lengths, to_example
+from orchestrator.data.inputs import read_records, reads_audio_with_shard
+from orchestrator.data.plan import DatasetPlan
 from orchestrator.data.position import DataPosition, SegmentPosition
-from orchestrator.data.shar import CorruptShardError, SharCut, Shard, TarEntry, read_shard
+from orchestrator.data.records import SharCut, Shard, TarEntry
+from orchestrator.data.shar import CorruptShardError
+
+__all__ = ["COUNTER_NAMES", "RowMeta", "read_row", "run_read_task", "to_example"]
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -57,6 +61,9 @@ COUNTER_NAMES = (
     "too_long",  # duration > max_duration
     "empty_text",  # no supervision text
     "unreadable_cuts",  # audio that could not be decoded, or unsupported cut types (e.g. MixedCut)
+    "too_few_tokens",  # tokens < min_tokens
+    "too_many_tokens",  # tokens > max_tokens
+    "no_bucket",  # fits none of the buckets (2-D bins, or past the last bin with bucket_batch_size)
     "cuts_batched",  # cuts that reached a batch
 )
 
@@ -89,30 +96,8 @@ class RowMeta:
     audio_seconds: float = 0.0  # real audio in the batch
     padded_seconds: float = 0.0  # batch size x longest cut (the padded cost)
     ids: tuple[str, ...] = ()  # cut ids in the batch
-
-
-# ----------------------------------------------------------------------------------------------
-# Cuts to collator examples
-# ----------------------------------------------------------------------------------------------
-
-
-def to_example(cut: SharCut, inp: InputPlan) -> dict[str, Any]:
-    """The example dict a collator receives (see speech_models.registry)."""
-    if "recording" not in cut.audio:
-        raise ValueError("the cut has no recording data in its shard")
-    example: dict[str, Any] = {
-        "id": cut.id,
-        "duration": cut.duration,
-        "audio": decode_audio(cut.audio["recording"].data, cut.audio["recording"].manifest, inp.sample_rate),
-        "text": cut.text,
-        "supervisions": cut.supervisions,
-        "tags": dict(inp.tags),
-        "custom": cut.custom,
-    }
-    if inp.target_sample_rate is not None and "target_audio" in cut.audio:
-        target = cut.audio["target_audio"]
-        example["target_audio"] = decode_audio(target.data, target.manifest, inp.target_sample_rate)
-    return example
+    tokens: int = 0  # token-aware batching: text tokens + audio frames of the examples (0: not measured)
+    padded_tokens: int = 0  # batch size x the longest example's tokens
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,19 +161,21 @@ class _TaskState:
     def read_segment(self, segment: _Segment) -> Iterator[pa.Table]:
         plan = self.plan
         order = plan.epoch_order(segment.epoch)
-        bucketer: DurationBucketer[SharCut] = DurationBucketer(plan.batching, lambda c: c.duration)
+        rule = plan.lengths
+        bucketer: Bucketer[SharCut] = Bucketer(plan.batching, lambda c: rule.key(c.duration, c.lengths))
         for item in plan.segment_items(segment.epoch, segment.lane, segment.lanes):
             replaying = segment.replaying
             # Replayed shards were counted before the checkpoint.
             counters = Counter() if replaying else self.counters
             input_index, shard_index = order[item % plan.shards_per_epoch]
-            shard = plan.inputs[input_index].shards[shard_index]
+            inp = plan.inputs[input_index]
+            shard = inp.shards[shard_index]
             counters["shards_read"] += 1
             if replaying and item in segment.known_corrupt:
                 segment.corrupt_items.append(item)
                 continue
             try:
-                cuts = read_shard(shard, item, plan.storage_options, with_audio=not replaying)
+                cuts = read_records(shard, inp.options, item, plan.storage_options, with_audio=not replaying)
             except CorruptShardError as exc:
                 if not plan.skip_corrupt:
                     raise CorruptShardError(
@@ -201,8 +188,8 @@ class _TaskState:
             counters["cuts_read"] += len(cuts)
             if plan.shuffle:
                 random.Random(plan.base_seed * 1_000_003 + item).shuffle(cuts)
-            cuts = [cut for cut in cuts if _accept(cut, plan, counters)]
-            if replaying and cuts:
+            cuts = [cut for cut in cuts if _accept(cut, plan, counters) and self._fits(cut, bucketer, counters)]
+            if replaying and cuts and reads_audio_with_shard(shard):
                 self.shard_of[item], self.waiting[item] = shard, len(cuts)
             for cut in cuts:
                 for batch in bucketer.add(cut):
@@ -232,7 +219,7 @@ class _TaskState:
             try:
                 if cut.item in self.shard_of and not cut.audio:
                     cut.audio = self._audio_of(cut)
-                examples.append(to_example(cut, plan.inputs[cut.input_index]))
+                examples.append(to_example(cut, plan.inputs[cut.input_index], plan.storage_options))
             except CorruptShardError:
                 raise
             except Exception as exc:  # any decoding failure is an unreadable cut
@@ -248,6 +235,8 @@ class _TaskState:
             return None
         batch = plan.collate(examples)
         durations = [e["duration"] for e in examples]
+        kept = {e["id"] for e in examples}
+        tokens = [c.lengths.total for c in cuts if c.lengths is not None and c.id in kept]
         self.counters["cuts_batched"] += len(examples)
         meta = RowMeta(
             task=self.task_index,
@@ -265,24 +254,46 @@ class _TaskState:
             audio_seconds=float(sum(durations)),
             padded_seconds=float(len(durations) * max(durations)),
             ids=tuple(e["id"] for e in examples),
+            tokens=int(sum(tokens)),
+            padded_tokens=int(len(tokens) * max(tokens, default=0)),
         )
         self.finished_epochs = []
         segment.unreported, segment.made_row = number + 1, True
         return HeldRow(pickle.dumps(batch, protocol=5), meta)
 
+    def _fits(self, cut: SharCut, bucketer: Bucketer[SharCut], counters: Counter[str]) -> bool:
+        """Measure the tokens of an accepted cut when the plan batches or filters by tokens; drop (and count)
+        one outside min/max_tokens or outside every bucket."""
+        plan, rule = self.plan, self.plan.lengths
+        if rule.needs_tokens:
+            cut.lengths = measure_lengths(cut, plan.inputs[cut.input_index], rule, plan.collate)
+            count = rule.token_count(cut.lengths)
+            if rule.min_tokens is not None and count < rule.min_tokens:
+                counters["too_few_tokens"] += 1
+                return False
+            if rule.max_tokens is not None and count > rule.max_tokens:
+                counters["too_many_tokens"] += 1
+                return False
+        if bucketer.bucket_of(rule.key(cut.duration, cut.lengths)) is None:
+            counters["no_bucket"] += 1
+            return False
+        return True
+
     def _audio_of(self, cut: SharCut) -> dict[str, TarEntry]:
         """The audio of a cut read without it (a replayed shard), read once per shard when a batch needs it."""
         if cut.item not in self.audio:
             try:
-                cuts = read_shard(self.shard_of[cut.item], cut.item, self.plan.storage_options)
-                self.audio[cut.item] = {c.id: c.audio for c in cuts}
+                shard = self.shard_of[cut.item]
+                options = self.plan.inputs[cut.input_index].options
+                cuts = read_records(shard, options, cut.item, self.plan.storage_options)
+                self.audio[cut.item] = {c.index: c.audio for c in cuts}
             except CorruptShardError as exc:
                 if not self.plan.skip_corrupt:
                     raise CorruptShardError(f"[{self.plan.name}] {exc}; fix or remove the shard") from exc
                 logger.warning("[%s] corrupt shard, its cuts are skipped: %s", self.plan.name, exc)
                 self.counters["corrupt_shards"] += 1
                 self.audio[cut.item] = {}
-        return self.audio[cut.item].get(cut.id, {})
+        return self.audio[cut.item].get(cut.index, {})
 
     def _release_audio(self, cuts: list[SharCut]) -> None:
         for cut in cuts:
@@ -317,6 +328,11 @@ class _TaskState:
 
 
 def _accept(cut: SharCut, plan: DatasetPlan, counters: Counter[str]) -> bool:
+    if cut.is_conversation and not cut.audio_keys:  # text only: duration filters do not apply (as in NeMo)
+        if not cut.text:
+            counters["empty_text"] += 1
+            return False
+        return True
     if not cut.duration >= plan.min_duration:  # also catches NaN (no duration: MixedCut and friends)
         if math.isnan(cut.duration):
             counters["unreadable_cuts"] += 1

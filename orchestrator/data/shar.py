@@ -25,12 +25,12 @@ import math
 import re
 import tarfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
+from orchestrator.data.records import SharCut, Shard, TarEntry
 from orchestrator.storage import filesystems
 from orchestrator.storage.atomic import atomic_dir
 from orchestrator.storage.paths import is_url, join, local_path
@@ -50,25 +50,6 @@ class SharLayoutError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # Naming and discovery
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Shard:
-    """One Shar shard: its cuts manifest and the file of every audio field, as paths or URLs."""
-
-    cuts: str
-    fields: Mapping[str, str]
-    source: str  # the shar_path entry it came from (for messages)
-    input_index: int = 0  # which input_cfg entry (for tags and mixing weights)
-
-    @property
-    def name(self) -> str:
-        """Short human-readable name used in warnings and errors."""
-        return self.cuts
-
-    @property
-    def has_target_audio(self) -> bool:
-        return "target_audio" in self.fields
 
 
 def shard_index(file_name: str) -> int | None:
@@ -258,21 +239,33 @@ def is_shar_placeholder(value: Any) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TarEntry:
-    """One cut's member pair in a field tar: the encoded data and its manifest (None for `.nodata`)."""
-
-    cut_id: str
-    data: bytes | None
-    manifest: bytes | None
-
-
 def read_manifest(path: str, storage_options: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Every cut of a cuts manifest (`.jsonl.gz` or `.jsonl`), as plain dicts."""
     raw = filesystems.read_bytes(path, storage_options)
     if path.endswith(".gz"):
         raw = gzip.decompress(raw)
     return [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
+
+
+_PARSED: dict[str, list[dict[str, Any]]] = {}  # path -> parsed lines, most recent last
+_PARSED_KEEP = 2
+
+
+def read_manifest_cached(
+    path: str, storage_options: Mapping[str, Mapping[str, Any]] | None = None, *, cache: bool = True
+) -> list[dict[str, Any]]:
+    """`read_manifest`, keeping the last files parsed in this process when `cache`: the slices of one large
+    manifest (`orchestrator.data.records.Shard.part`) are read one after another by the same read task."""
+    if not cache:
+        return read_manifest(path, storage_options)
+    if path in _PARSED:
+        _PARSED[path] = _PARSED.pop(path)
+        return _PARSED[path]
+    parsed = read_manifest(path, storage_options)
+    _PARSED[path] = parsed
+    while len(_PARSED) > _PARSED_KEEP:
+        del _PARSED[next(iter(_PARSED))]
+    return parsed
 
 
 def iter_tar_entries(raw: bytes | io.BufferedIOBase) -> Iterator[TarEntry]:
@@ -284,21 +277,6 @@ def iter_tar_entries(raw: bytes | io.BufferedIOBase) -> Iterator[TarEntry]:
         for (data, data_path), (manifest, _) in iterate_tarfile_pairwise(tar):
             name = PurePosixPath(data_path)
             yield TarEntry(str(name.with_suffix("")), data, manifest)
-
-
-@dataclass
-class SharCut:
-    """One cut's metadata and still-encoded audio, as read from a shard (decoded only when batched)."""
-
-    id: str
-    duration: float
-    text: str
-    supervisions: list[dict[str, Any]]
-    custom: dict[str, Any]
-    audio: dict[str, TarEntry]  # field -> its tar entry
-    item: int  # the pipeline's work item this cut was read for (see orchestrator.data.plan)
-    input_index: int
-    shard: str
 
 
 class CorruptShardError(RuntimeError):

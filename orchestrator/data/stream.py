@@ -22,6 +22,8 @@ class BatchMeta:
     padded_seconds: float  # batch size x longest cut (the padded cost)
     counters: dict[str, int] = field(default_factory=dict)  # drops/corruption since this rank's previous batch
     ids: list[str] = field(default_factory=list)
+    tokens: int = 0  # token-aware batching: text tokens + audio frames of the examples (0: not measured)
+    padded_tokens: int = 0  # batch size x the longest example's tokens
 
 
 class BatchStream:
@@ -91,6 +93,8 @@ class BatchStream:
                     padded_seconds=meta.padded_seconds,
                     counters=dict(counters),
                     ids=list(meta.ids),
+                    tokens=meta.tokens,
+                    padded_tokens=meta.padded_tokens,
                 ),
             )
 

@@ -6,6 +6,7 @@ Layout (other parts of the project rely on it)::
     <out>/codec/                random-init tiny DAC codec at 22.05 kHz, 25 Hz frames (save_pretrained)
     <out>/asr/{train,val,test}/ Shar: cuts + recording (16 kHz FLAC), one supervision per cut
     <out>/s2s/{train,val,test}/ Shar: cuts + recording (user, 16 kHz) + target_audio (agent, 22.05 kHz)
+    <out>/{conversations,text,nemo_tarred,lhotse}/{train,val}/  the other input formats (orchestrator.demo.formats)
     <out>/DONE.json             written last
 
 Each split is written into a hidden ``.<split>.partial`` directory and renamed when complete
@@ -413,6 +414,9 @@ def make_demo_assets(
                 )
                 summary.splits[task][split] = result
                 made_s += result.hours * 3600
+        from orchestrator.demo.formats import make_format_demos
+
+        make_format_demos(out, hours, seed, min_heldout_cuts, pool=pool)
     finally:
         if pool is not None:
             pool.close()
