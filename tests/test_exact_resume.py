@@ -74,13 +74,19 @@ def overrides(shar: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def wait_for_pause(control: Path, timeout: float = 300) -> int:
-    """The pid of the Train worker that paused at the armed step."""
+def wait_for_pause(
+    control: Path, timeout: float = 300, driver: subprocess.Popen | None = None, log: Path | None = None
+) -> int:
+    """The pid of the Train worker that paused at the armed step. A driver process that ended first fails the
+    test at once, with the end of its output."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         paused = list(control.glob("paused_*"))
         if paused:
             return int(paused[0].name.split("_")[1])
+        if driver is not None and driver.poll() is not None:
+            tail = log.read_text()[-4000:] if log else ""
+            raise AssertionError(f"the driver exited ({driver.returncode}) before the armed step:\n{tail}")
         time.sleep(0.1)
     raise AssertionError("no Train worker reached the armed step")
 
@@ -131,14 +137,16 @@ def test_every_cut_of_an_epoch_is_trained_once_through_a_driver_kill_and_a_worke
     kill_step = rng.randint(CHECKPOINT_EVERY + 1, 3 * CHECKPOINT_EVERY)
     (cut_counter / f"pause_at_{kill_step}").touch()
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    driver = subprocess.Popen(
-        [sys.executable, "-c", DRIVER, str(CONFIG), str(cut_counter), json.dumps(args)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = tmp_path / "driver.log"
+    with log.open("w") as out:
+        driver = subprocess.Popen(
+            [sys.executable, "-c", DRIVER, str(CONFIG), str(cut_counter), json.dumps(args)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        wait_for_pause(cut_counter)
+        wait_for_pause(cut_counter, driver=driver, log=log)
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()

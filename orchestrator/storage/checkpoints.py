@@ -472,13 +472,20 @@ def _load_trainer_state(directory: Path) -> dict[str, Any]:
 
 
 def newer_checkpoint(first: Any, second: Any) -> Any:
-    """Of two Ray Train checkpoints (either may be None), the one saved at the later step (from its state.json)."""
+    """Of two Ray Train checkpoints (either may be None), the one saved at the later step (from its state.json).
+
+    A checkpoint whose files are gone counts as older than any: the checkpoint a re-run resumed from is deleted by
+    `save_top_k` retention once the re-run has reported newer ones, and a worker group restarted after that
+    restores Ray's latest."""
     if first is None or second is None:
         return first if second is None else second
 
     def step(checkpoint) -> int:
-        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{STATE_FILE}") as f:
-            return int(json.loads(f.read().decode())["step"])
+        try:
+            with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{STATE_FILE}") as f:
+                return int(json.loads(f.read().decode())["step"])
+        except FileNotFoundError:
+            return -1
 
     return first if step(first) >= step(second) else second
 
