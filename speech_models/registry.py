@@ -81,6 +81,7 @@ class ModelEntry:
     speaks: bool = False  # generates agent speech: needs model.pretrained_audio_codec, can be ASR-BLEU scored
     transcribes: bool = False  # has `transcribe(audios, prompt=...)`: a text prompt shapes its answer
     conversations: bool = False  # its collator takes conversations and text-only examples (not only plain cuts)
+    encodes_in_chunks: bool = False  # honours model.encoder_chunk_size_seconds (long audio encoded in chunks)
 
     def model_class(self) -> type:
         return _resolve(self.model)
@@ -152,6 +153,7 @@ MODELS: dict[str, ModelEntry] = {
             metrics=(LOSS, ACCURACY, Metric("wer", "min", score=corpus_wer)),
             transcribes=True,
             conversations=True,
+            encodes_in_chunks=True,
         ),
         # Collators live apart from the duplex models so that collate-only Ray Data tasks do not import them.
         ModelEntry(

@@ -270,21 +270,22 @@ def test_verbose_brings_everything_back(capsys, monkeypatch, demo_overrides):
 
 
 def test_ddp_setup_raises_no_warning_of_this_project(monkeypatch):
-    """torch 2.13 deprecates `broadcast_buffers`; loop.py keeps it (no buffer sync at init) without the warning."""
+    """torch 2.13 deprecates `broadcast_buffers`; the DDP wrapping keeps it (no buffer sync at init) without the
+    warning."""
     import warnings
     from types import SimpleNamespace
 
     import torch
     import torch.distributed as dist
 
-    from orchestrator.training import loop
+    from orchestrator.training import parallel
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:  # a one-rank process group, wrapped as if it had two ranks
-        monkeypatch.setattr(loop, "dist", SimpleNamespace(is_initialized=lambda: True, get_world_size=lambda: 2))
+        monkeypatch.setattr(parallel, "dist", SimpleNamespace(is_initialized=lambda: True, get_world_size=lambda: 2))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            wrapped = loop.wrap_for_distribution(torch.nn.Linear(2, 2), "ddp", torch.device("cpu"))
+            wrapped = parallel.wrap_for_distribution(torch.nn.Linear(2, 2), "ddp", torch.device("cpu"))
         assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
         assert [str(w.message) for w in caught] == []
     finally:

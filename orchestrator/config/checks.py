@@ -203,10 +203,11 @@ def _check_model(cfg: ExperimentConfig, problems: list[str]) -> None:
     chunk = m.encoder_chunk_size_seconds
     if chunk is not None and chunk <= 0:
         problems.append(f"model.encoder_chunk_size_seconds: {chunk} must be positive (seconds), or null")
-    if chunk is not None and m.resolved_model_type() != "salm":
+    if chunk is not None and m.model_type in ("auto", *model_types()) and not entry_for(m).encodes_in_chunks:
         problems.append(
-            "model.encoder_chunk_size_seconds: only SALM encodes audio in chunks (as in NeMo); duplex models need "
-            "one perception frame per 80 ms of the whole conversation; remove the key"
+            f"model.encoder_chunk_size_seconds: the {entry_for(m).name} model does not encode audio in chunks (as "
+            "in NeMo, only SALM does; duplex models need one perception frame per 80 ms of the whole "
+            "conversation); remove the key"
         )
 
 

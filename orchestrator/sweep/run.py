@@ -38,7 +38,7 @@ from ray import tune
 from orchestrator.config import ConfigError, flatten
 from orchestrator.redaction import redact, redact_data
 from orchestrator.storage import atomic
-from orchestrator.storage.checkpoints import latest_checkpoint
+from orchestrator.storage.checkpoints import latest_checkpoint, read_saved_state
 from orchestrator.storage.paths import is_url
 from orchestrator.sweep import report, search_space, trial_runs
 from orchestrator.sweep.context import TRIALS_DIR, TUNE_DIR, SweepContext, SweepOutcome
@@ -157,6 +157,8 @@ class SweepTrial(tune.Trainable):
             if item is None:  # training ended without a report at max_steps (e.g. max_epochs)
                 self._raise_if_failed()
                 if self.last_metrics is None:
+                    self.last_metrics = self._metrics_of_a_finished_run()
+                if self.last_metrics is None:
                     raise TrialFailedError(f"trial {self.trial_id} ended without a validation ({self.run_dir})")
                 return {**self.last_metrics, "done": True}
             if "controller" in item:
@@ -230,6 +232,21 @@ class SweepTrial(tune.Trainable):
             except Empty:
                 if not self.thread.is_alive() and self.queue.empty():
                     return None
+
+    def _metrics_of_a_finished_run(self) -> dict[str, float] | None:
+        """A trial interrupted after its last checkpoint resumes at max_steps and trains nothing: its result is
+        what that checkpoint's validation measured (state.json), or None when it never reached max_steps."""
+        latest = latest_checkpoint(self.run_dir) if self.run_dir else None
+        if latest is None:
+            return None
+        state = read_saved_state(latest)
+        if int(state.get("step", 0)) < self.context.loaded.max_steps:
+            return None
+        self.last_checkpoint = latest
+        metrics = {
+            k: v for k, v in state.get("metrics", {}).items() if isinstance(v, (int, float)) and math.isfinite(v)
+        }
+        return {**metrics, "step": int(state["step"])}
 
     def _raise_if_failed(self) -> None:
         if "error" in self.outcome:
