@@ -1,9 +1,12 @@
 """The data NeMo users bring, read without conversion: NeMo manifests (plain and tarred), Lhotse cut manifests,
 multi-turn conversations (NeMo JSONL, ShareGPT), text-only sets; mixing by input_cfg weights; token-aware and 2-D
-bucketing; and the exact-resume guarantee for each of them (a resumed task re-forms its batches from manifests)."""
+bucketing; the exact-resume guarantee for each of them (a resumed task re-forms its batches from manifests); and
+each of them converted to Shar (`data shar --type`) or checked where it is (`data inspect --type`)."""
 
 from __future__ import annotations
 
+import argparse
+import gzip
 import io
 import itertools
 import json
@@ -15,7 +18,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from orchestrator.cli.data import register as register_data_commands
 from orchestrator.config.schema import DataConfig, DatasetConfig, InputConfig
+from orchestrator.data.inspect import inspect_shar
 from orchestrator.data.nemo_manifest import expand_paths
 from orchestrator.data.plan import TRAIN, plan_dataset
 from orchestrator.data.position import DataPosition, merge_positions
@@ -421,3 +426,131 @@ def test_a_resumed_stream_trains_every_example_of_every_epoch_once(
     for epoch in range(3):
         assert sorted(c for e, c in consumed if e == epoch) == per_epoch[epoch], f"epoch {epoch}"
     assert final.epoch == 3 and not final.segments
+
+
+# ---------------------------------------------------------------------------------------------- data shar / inspect
+
+
+def run_data_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="speechlm")
+    register_data_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["data", *argv])
+    return args.func(args)
+
+
+def _plain_nemo(lhotse_dir: Path, out: Path) -> Path:
+    """A plain NeMo manifest of audio files (paths relative to it), one entry read at an offset."""
+    out.mkdir()
+    (out / "audio").symlink_to(lhotse_dir / "audio")
+    files = sorted((lhotse_dir / "audio").glob("*.flac"))[:6]
+    entries = [
+        {"audio_filepath": f"audio/{f.name}", "duration": sf.info(f).duration, "text": f"say {i}"}
+        for i, f in enumerate(files)
+    ]
+    entries[1] |= {"offset": 0.5, "duration": entries[1]["duration"] - 0.5}  # 2.2 s long
+    (out / "manifest.json").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    return out / "manifest.json"
+
+
+SOURCES = {  # name -> (type, key flags); paths relative to the fixtures' folders
+    "nemo": ("nemo", {"manifest_filepath": "{plain_nemo}"}),
+    "nemo_tarred": (
+        "nemo_tarred",
+        {
+            "manifest_filepath": "{nemo}/manifest__OP_0..4_CL_.json",
+            "tarred_audio_filepaths": "{nemo}/audio__OP_0..4_CL_.tar",
+        },
+    ),
+    "lhotse": ("lhotse", {"cuts_path": "{lhotse}/cuts.jsonl.gz"}),
+    "conversations": ("multimodal_conversation", {"manifest_filepath": "{conv}/conversations.jsonl"}),
+    "conversations_tarred": (
+        "multimodal_conversation",
+        {"manifest_filepath": "{conv}/tarred.jsonl", "tarred_audio_filepaths": "{conv}/audio_0.tar"},
+    ),
+    "share_gpt": ("share_gpt", {"manifest_filepath": "{conv}/sharegpt.jsonl"}),
+    "txt": ("txt", {"paths": "{text}/sentences.txt"}),
+    "txt_jsonl": ("txt_jsonl", {"paths": "{text}/lines.jsonl"}),
+    "nemo_sft_jsonl": ("nemo_sft_jsonl", {"paths": "{text}/sft.jsonl"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_data_shar_of_any_input_type_holds_the_examples_training_reads_from_it(
+    name, nemo_dir, lhotse_dir, conv_dir, text_dir, tmp_path
+):
+    """Converted with `data shar --type`, then read back as lhotse_shar: the same examples (turns, texts, audio
+    sample for sample), the same filter counts; and `data inspect` finds the set whole."""
+    kind, keys = SOURCES[name]
+    where = dict(nemo=nemo_dir, lhotse=lhotse_dir, conv=conv_dir, text=text_dir)
+    if name == "nemo":
+        where["plain_nemo"] = _plain_nemo(lhotse_dir, tmp_path / "plain")
+    keys = {k: v.format(**where) for k, v in keys.items()}
+    out = tmp_path / "shar"
+    flags = [x for k, v in keys.items() for x in ("--" + k.replace("_", "-"), v)]
+    assert run_data_cli("shar", "--type", kind, *flags, "--out", str(out), "--shard-size", "7") == 0
+    source, source_counts = examples_of([InputConfig(type=kind, **keys)])
+    shar, shar_counts = examples_of([InputConfig(shar_path=str(out))])
+    assert source and sorted(shar) == sorted(source)
+    same = ("cuts_read", "too_short", "too_long", "empty_text", "cuts_batched")
+    assert [shar_counts[k] for k in same] == [source_counts[k] for k in same]
+    for cut_id, example in source.items():
+        got = shar[cut_id]
+        assert got["text"] == example["text"] and got.get("turns") == example.get("turns"), cut_id
+        assert got["duration"] == pytest.approx(example["duration"], abs=1e-3)
+        for a, b in zip(
+            got.get("audios", [got.get("audio")]), example.get("audios", [example.get("audio")]), strict=True
+        ):
+            np.testing.assert_array_equal(a, b)
+    report = inspect_shar(out)
+    assert report.ok, report.problems
+    assert report.num_cuts == source_counts["cuts_read"]
+    if kind in ("multimodal_conversation", "share_gpt", "txt", "txt_jsonl", "nemo_sft_jsonl"):
+        assert report.conversations == report.num_cuts
+
+
+def test_data_shar_and_inspect_of_conversations_through_the_cli(conv_dir, tmp_path, capsys):
+    manifest = str(conv_dir / "conversations.jsonl")
+    assert run_data_cli("inspect", "--type", "multimodal_conversation", "--manifest-filepath", manifest) == 0
+    out = capsys.readouterr().out
+    assert "18 examples" in out and "conversations: 18 (6 text-only, 24 audio turns)" in out and "OK" in out
+    shar = tmp_path / "shar"
+    argv = ["shar", "--type", "multimodal_conversation", "--manifest-filepath", manifest, "--out", str(shar)]
+    assert run_data_cli(*argv) == 0
+    assert "wrote 18 cuts" in capsys.readouterr().out
+    assert run_data_cli("inspect", str(shar)) == 0
+    out = capsys.readouterr().out
+    assert "conversations: 18 (6 text-only, 24 audio turns)" in out and "consistency: OK" in out
+    # A turn pointing past its recording is named (a hand-edited or foreign set).
+    cuts = shar / "cuts.000000.jsonl.gz"
+    lines = [json.loads(x) for x in gzip.decompress(cuts.read_bytes()).decode().splitlines()]
+    lines[0]["custom"]["conversation"][1]["duration"] += 5.0
+    cuts.write_bytes(gzip.compress("".join(json.dumps(x) + "\n" for x in lines).encode()))
+    assert run_data_cli("inspect", str(shar), "--no-decode") == 1
+    assert f"conversation {lines[0]['id']!r} has audio turns up to" in capsys.readouterr().out
+
+
+def test_data_shar_type_errors_name_the_flag_or_the_file_and_leave_nothing(conv_dir, tmp_path, capsys):
+    out = tmp_path / "shar"
+    assert run_data_cli("shar", "--type", "nemo_tarred", "--manifest-filepath", "m.json", "--out", str(out)) == 2
+    assert "--tarred-audio-filepaths" in capsys.readouterr().err
+    assert run_data_cli("shar", "--type", "share_gpt", "--out", str(out)) == 2
+    assert "--type share_gpt needs --manifest-filepath" in capsys.readouterr().err
+    assert run_data_cli("shar", "--type", "txt", "--paths", "a.txt", "--cuts-path", "c.jsonl", "--out", str(out)) == 2
+    assert "--type txt does not read --cuts-path" in capsys.readouterr().err
+    assert run_data_cli("shar", "--manifest", "c.jsonl.gz", "--paths", "a.txt", "--out", str(out)) == 2
+    assert "--paths describes an input_cfg entry: give its --type" in capsys.readouterr().err
+    # The 5th conversation's second audio is gone: the run stops naming it, and --out never appears.
+    lines = (conv_dir / "conversations.jsonl").read_text().splitlines()
+    broken = json.loads(lines[4])
+    broken["conversations"][3]["value"] = "audio/gone.flac"
+    manifest = tmp_path / "conversations.jsonl"
+    manifest.write_text("\n".join([*lines[:4], json.dumps(broken), *lines[5:]]) + "\n")
+    # Relative audio paths resolve against the manifest's folder: point the copy at the fixture's audio.
+    (tmp_path / "audio").symlink_to(conv_dir / "audio")
+    argv = ["--type", "multimodal_conversation", "--manifest-filepath", str(manifest)]
+    assert run_data_cli("shar", *argv, "--out", str(out), "--shard-size", "2") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "conv-4" in err and "gone.flac does not exist" in err
+    assert not out.exists() and not list(tmp_path.glob(".shar*"))
+    assert run_data_cli("inspect", *argv) == 1
+    assert "gone.flac does not exist" in capsys.readouterr().out

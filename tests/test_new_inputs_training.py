@@ -89,8 +89,9 @@ def test_salm_mixes_speech_and_text_only_data_3_to_1(ray_session, tiny_demo: Pat
 def test_salm_trains_on_multi_turn_conversations_with_two_audios(ray_session, tiny_demo: Path, tmp_path: Path) -> None:
     d = tiny_demo
     run_dir = tmp_path / "run"
+    # Braces doubled twice: the f-string leaves `{{` for .format() to turn into the YAML's `{`.
     conversations = (
-        f"{{type: multimodal_conversation, manifest_filepath: {d}/conversations/{{split}}/conversations.jsonl}}"
+        f"{{{{type: multimodal_conversation, manifest_filepath: {d}/conversations/{{split}}/conversations.jsonl}}}}"
     )
     train(
         d,

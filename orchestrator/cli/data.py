@@ -36,16 +36,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _source_keys(args: argparse.Namespace) -> dict:
+    """The input_cfg keys given as flags; a flag given once is a string, as in a config."""
+    from orchestrator.data.convert_inputs import SOURCE_KEYS
+
+    keys = {key: getattr(args, key, None) for key in SOURCE_KEYS}
+    return {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in keys.items()}
+
+
+def _keys_without_type(args: argparse.Namespace) -> str | None:
+    from orchestrator.data.convert_inputs import flag
+
+    given = [flag(k) for k, v in _source_keys(args).items() if v is not None]
+    return given[0] if given and not args.type else None
+
+
 def cmd_shar(args: argparse.Namespace) -> int:
     from orchestrator.data.convert import convert_audio_dir_to_shar, convert_manifest_to_shar
+    from orchestrator.data.convert_inputs import convert_source_to_shar, source_entry
 
     common = dict(
         shard_size=args.shard_size, sample_rate=args.sample_rate, audio_format=args.format, overwrite=args.overwrite
     )
     if args.allow_command_sources and not args.manifest:
         return bad_input("--allow-command-sources only applies to --manifest")
+    if stray := _keys_without_type(args):
+        return bad_input(f"{stray} describes an input_cfg entry: give its --type too (e.g. --type nemo)")
     try:
-        if args.manifest:
+        if args.type:
+            entry = source_entry(args.type, language=args.language, **_source_keys(args))
+            summary = convert_source_to_shar(entry, args.out, **common)
+        elif args.manifest:
             summary = convert_manifest_to_shar(
                 args.manifest, args.out, allow_commands=args.allow_command_sources, **common
             )
@@ -58,11 +79,31 @@ def cmd_shar(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from orchestrator.data.convert_inputs import inspect_source, source_entry
     from orchestrator.data.inspect import inspect_shar
-    from orchestrator.data.shar import find_shar_dirs
+    from orchestrator.data.shar import SharLayoutError, find_shar_dirs
     from orchestrator.storage.atomic import is_partial_dir, partial_dir_for
     from orchestrator.storage.paths import is_url
 
+    if stray := _keys_without_type(args):
+        return bad_input(f"{stray} describes an input_cfg entry: give its --type too (e.g. --type nemo)")
+    if args.type:
+        if args.path:
+            return bad_input(f"give a Shar PATH or --type with its keys, not both (got {args.path} and --type)")
+        try:
+            source = inspect_source(source_entry(args.type, **_source_keys(args)), decode=not args.no_decode)
+        except (SharLayoutError, *_INPUT_ERRORS) as err:
+            return bad_input(err)
+        print(source.format())
+        if not source.ok:
+            print(f"broken: --type {args.type}", file=sys.stderr)
+            return EXIT_FAILED
+        return EXIT_OK
+    if not args.path:
+        return bad_input(
+            "give a Shar directory to inspect, or --type with its keys (e.g. --type nemo "
+            "--manifest-filepath manifest.json)"
+        )
     try:
         shar_dirs = find_shar_dirs(args.path)
     except FileNotFoundError as err:
@@ -134,6 +175,32 @@ def cmd_plan_batches(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _source_types() -> tuple[str, ...]:
+    from orchestrator.data.convert_inputs import SOURCE_TYPES
+
+    return SOURCE_TYPES
+
+
+def _add_source_keys(parser: argparse.ArgumentParser) -> None:
+    """input_cfg keys as flags (--type ...); list-valued keys take several values, as lists in a config."""
+    keys = parser.add_argument_group("input_cfg keys (with --type; as in a config entry)")
+    for key, what in (
+        ("manifest_filepath", "nemo, nemo_tarred, multimodal_conversation, share_gpt: the JSONL manifest(s)"),
+        ("tarred_audio_filepaths", "nemo_tarred (and tarred conversations): the audio tars"),
+        ("cuts_path", "lhotse, lhotse_as_conversation: the cuts manifest(s)"),
+        ("shar_path", "lhotse_shar: Shar directories (re-shard or resample a set)"),
+        ("paths", "txt, txt_jsonl, nemo_sft_jsonl: the text files"),
+        ("audio_placeholders", "share_gpt: marks of the audio in a turn (default <sound> <speech>)"),
+    ):
+        keys.add_argument("--" + key.replace("_", "-"), dest=key, nargs="+", default=None, help=what)
+    for key, what in (
+        ("text_field", "nemo*, txt_jsonl: the key holding the text (default text)"),
+        ("lang_field", "nemo*: the key holding the language (default lang)"),
+        ("audio_root", "share_gpt: where relative sound paths live"),
+    ):
+        keys.add_argument("--" + key.replace("_", "-"), dest=key, default=None, help=what)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Register the `data` command group (demo, shar, inspect) on the top-level subparsers."""
     data = subparsers.add_parser("data", help="demo assets, data conversion and checks, bucket and batch planning")
@@ -158,14 +225,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     shar = sub.add_parser(
         "shar",
-        help="convert a Lhotse cuts manifest or a folder of audio + .txt transcripts to Shar",
+        help="convert any input type (NeMo, NeMo tarred, Lhotse manifests, conversations, text), a Lhotse cuts "
+        "manifest or a folder of audio + .txt transcripts to Shar",
         description="Every cut is checked first (audio present, decodable, finite, as long as its manifest or WAV "
         "header says); the first bad one stops the run, naming it. The set is written aside and appears in --out "
-        "only when complete, so an interrupted run leaves nothing that looks finished, and a re-run starts over.",
+        "only when complete, so an interrupted run leaves nothing that looks finished, and a re-run starts over. "
+        "--type reads the source as an input_cfg entry of that type with the keys given as flags (the pipeline's "
+        "own readers); conversations and text-only examples are kept as such (read back with type lhotse_shar).",
     )
     source = shar.add_mutually_exclusive_group(required=True)
-    source.add_argument("--manifest", help="Lhotse cuts manifest (CUTS.jsonl.gz)")
+    source.add_argument("--type", choices=_source_types(), help="an input_cfg type; give its keys as flags below")
+    source.add_argument("--manifest", help="Lhotse cuts manifest (CUTS.jsonl.gz), read by lhotse itself")
     source.add_argument("--wav-dir", help="folder of audio files (wav/flac/ogg/mp3) with same-named .txt")
+    _add_source_keys(shar)
     shar.add_argument("--out", required=True, help="output Shar directory (must hold no shards, unless --overwrite)")
     shar.add_argument(
         "--overwrite",
@@ -181,14 +253,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shar.add_argument("--shard-size", type=positive_int, default=200, help="cuts per shard")
     shar.add_argument("--sample-rate", type=positive_int, default=None, help="resample the recording to this rate")
     shar.add_argument("--format", default="flac", choices=("flac", "wav"), help="audio codec")
-    shar.add_argument("--language", default=None, help="language tag for --wav-dir supervisions")
+    shar.add_argument("--language", default=None, help="language tag of supervisions without one (--wav-dir, --type)")
     shar.set_defaults(func=cmd_shar)
 
     inspect = sub.add_parser(
         "inspect",
-        help="summarise Shar sets and check their consistency (exit 1 naming each broken shard)",
+        help="summarise Shar sets, or a source of any input type, and check them (exit 1 naming each broken shard)",
+        description="PATH: Shar directories (conversations and text-only cuts written by `data shar --type` "
+        "included). --type with its keys as flags: the source read as training reads it, every audio decoded.",
     )
-    inspect.add_argument("path", help="Shar directory or a parent of several, local or fsspec URL")
+    inspect.add_argument("path", nargs="?", help="Shar directory or a parent of several, local or fsspec URL")
+    inspect.add_argument("--type", choices=_source_types(), help="inspect a source of this input_cfg type instead")
+    _add_source_keys(inspect)
     inspect.add_argument("--threads", type=positive_int, default=8, help="shards read in parallel")
     inspect.add_argument(
         "--no-decode", action="store_true", help="do not decode the audio (faster; damaged audio goes unnoticed)"

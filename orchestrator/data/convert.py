@@ -32,9 +32,13 @@ class ConversionSummary:
     num_shards: int
     hours: float
     renamed_ids: int = 0
+    conversations: int = 0  # of the cuts (`data shar --type` of conversations or text)
+    text_only: int = 0  # of the conversations
 
     def format(self) -> str:
         text = f"wrote {self.num_cuts} cuts ({self.hours:.3f} h) in {self.num_shards} shards to {self.out_dir}"
+        if self.conversations:
+            text += f"; {self.conversations} are conversations ({self.text_only} text-only)"
         if self.renamed_ids:
             text += f"; {self.renamed_ids} cut ids had dots/spaces replaced by '_'"
         return text

@@ -3,7 +3,7 @@ shard is read into records (in read tasks). Each format lives in its own module;
 
 | type | keys | module |
 | --- | --- | --- |
-| `lhotse_shar` | `shar_path` | `shar` |
+| `lhotse_shar` | `shar_path` (cuts, or conversations written by `data shar --type`) | `shar` |
 | `lhotse`, `lhotse_as_conversation` | `cuts_path` (a manifest) or `shar_path` / a Shar dir | `lhotse_manifest`, `shar` |
 | `nemo`, `nemo_tarred` | `manifest_filepath` (+ `tarred_audio_filepaths`) | `nemo_manifest` |
 | `multimodal_conversation`, `share_gpt` | `manifest_filepath` (+ `tarred_audio_filepaths`) | `conversations` |

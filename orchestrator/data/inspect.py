@@ -19,7 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.data.shar import find_shar_dirs, is_shar_placeholder, iter_tar_entries, list_fields
+from orchestrator.data.shar import (
+    CONVERSATION_KEY,
+    find_shar_dirs,
+    is_shar_placeholder,
+    iter_tar_entries,
+    list_fields,
+)
 from orchestrator.storage import filesystems
 from orchestrator.storage.atomic import is_partial_dir, marker_for
 from orchestrator.storage.paths import is_url, join, local_path
@@ -36,6 +42,9 @@ class _ShardResult:
     referenced_fields: set[str] = field(default_factory=set)
     sample_rates: dict[str, set[int]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    conversations: int = 0
+    text_only: int = 0
+    audio_turns: int = 0
 
 
 @dataclass
@@ -51,6 +60,9 @@ class SharReport:
     custom_fields: list[str]
     problems: list[str]
     decoded: bool = True
+    conversations: int = 0  # cuts holding a conversation (`data shar --type`), text-only ones included
+    text_only: int = 0
+    audio_turns: int = 0
 
     @property
     def ok(self) -> bool:
@@ -86,9 +98,14 @@ class SharReport:
             lines.append(f"  field {name:<14} {count:4d} shards{rate_text}")
         if self.custom_fields:
             lines.append(f"  custom cut attributes: {', '.join(self.custom_fields)}")
+        if self.conversations:
+            lines.append(
+                f"  conversations: {self.conversations} ({self.text_only} text-only, {self.audio_turns} audio turns)"
+            )
         if self.durations:
             d = np.asarray(self.durations)
-            lines.append(f"  duration min/mean/max: {d.min():.2f} / {d.mean():.2f} / {d.max():.2f} s")
+            label = "audio per cut" if self.text_only else "duration"  # text-only cuts are left out
+            lines.append(f"  {label} min/mean/max: {d.min():.2f} / {d.mean():.2f} / {d.max():.2f} s")
             lines += ["  " + row for row in self.histogram()]
         if self.problems:
             lines.append(f"  BROKEN: {len(self.problems)} problem(s)")
@@ -112,8 +129,11 @@ def _read_cuts_shard(fs, path: str, result: _ShardResult) -> list[str] | None:
                     continue
                 item = json.loads(line)
                 ids.append(item["id"])
-                result.durations.append(float(item["duration"]))
                 custom = item.get("custom") or {}
+                if CONVERSATION_KEY in custom:
+                    _check_conversation(item, custom[CONVERSATION_KEY], path, result)
+                if CONVERSATION_KEY not in custom or item.get("recording"):  # text-only cuts have no duration
+                    result.durations.append(float(item["duration"]))
                 result.custom_fields.update(custom)
                 # Data stored in the Shar tars is marked by a "shar" source/storage placeholder.
                 if is_shar_placeholder(item.get("recording")):
@@ -124,6 +144,23 @@ def _read_cuts_shard(fs, path: str, result: _ShardResult) -> list[str] | None:
         return None
     result.num_cuts = len(ids)
     return ids
+
+
+def _check_conversation(item: dict, turns: list, path: str, result: _ShardResult) -> None:
+    """Count a conversation cut, and name one whose audio turns are not spans of its recording."""
+    result.conversations += 1
+    spans = [(float(t["offset"]), float(t["duration"])) for t in turns if t.get("type") == "audio"]
+    result.audio_turns += len(spans)
+    has_audio = bool(item.get("recording"))
+    result.text_only += not has_audio
+    end = max((offset + length for offset, length in spans), default=0.0)
+    length = float(item["duration"]) if has_audio else 0.0
+    if (spans and not has_audio) or end > length + 1e-3:
+        held = f"a {length:.2f} s recording" if has_audio else "no recording"
+        result.problems.append(
+            f"cuts shard {path}: conversation {item['id']!r} has audio turns up to {end:.2f} s but {held}; "
+            "re-create the set with `speechlm data shar --type ...`"
+        )
 
 
 def _text_stream(raw, path: str):
@@ -162,8 +199,9 @@ def _read_tar_shard(fs, field_name: str, path: str, result: _ShardResult, decode
                 rate = manifest.get("sampling_rate")
                 if rate:
                     result.sample_rates.setdefault(field_name, set()).add(int(rate))
+                # Placeholders (`.nodata`: a cut without this field, e.g. a text-only cut) keep their cut's place.
+                ids.append(entry.cut_id)
                 if entry.data is not None:
-                    ids.append(entry.cut_id)
                     if decode and (problem := _audio_problem(entry.data, manifest)):
                         bad.append(f"cut {entry.cut_id!r} {problem}")
     except (OSError, EOFError, tarfile.TarError, ValueError, RuntimeError) as err:
@@ -270,7 +308,10 @@ def inspect_shar(path_or_url: str | Path, num_threads: int = 8, decode: bool = T
         hours=sum(durations) / 3600,
         durations=durations,
         sample_rates={k: sorted(v) for k, v in sorted(rates.items())},
-        custom_fields=sorted({c for r in results for c in r.custom_fields}),
+        custom_fields=sorted({c for r in results for c in r.custom_fields} - {CONVERSATION_KEY}),
         problems=problems,
         decoded=decode,
+        conversations=sum(r.conversations for r in results),
+        text_only=sum(r.text_only for r in results),
+        audio_turns=sum(r.audio_turns for r in results),
     )

@@ -40,6 +40,9 @@ from orchestrator.storage.paths import is_url, join, local_path
 SHARD_NAME = re.compile(r"^(?P<field>[^./]+)(?:\.(?P<index>\d+))?\.(?P<ext>jsonl\.gz|jsonl|tar)$")
 # Fields the pipeline decodes. Other fields (features, custom arrays) are left unread.
 AUDIO_FIELDS = ("recording", "target_audio")
+# Custom cut attribute holding a conversation's turns in Shar written by `data shar --type` (text turns, and audio
+# turns as [offset, offset + duration) spans of the cut's recording); read back as a conversation by `read_shard`.
+CONVERSATION_KEY = "conversation"
 DEFAULT_SHARD_SIZE = 200
 
 
@@ -325,28 +328,56 @@ def read_shard(
             if entry.data is not None:
                 audio[name] = entry
         sups = cut.get("supervisions") or []
-        out.append(
-            SharCut(
-                id=str(cut.get("id")),
-                duration=float(cut["duration"]) if "duration" in cut else math.nan,
-                text=" ".join(t for s in sups if (t := (s.get("text") or "").strip())),
-                supervisions=[
-                    {
-                        "speaker": s.get("speaker"),
-                        "start": float(s.get("start", 0.0)),
-                        "duration": float(s.get("duration", 0.0)),
-                        "text": s.get("text") or "",
-                    }
-                    for s in sups
-                ],
-                custom={k: v for k, v in (cut.get("custom") or {}).items() if not is_manifest(v)},
-                audio=audio,
-                item=item,
-                input_index=shard.input_index,
-                shard=shard.cuts,
-            )
+        record = SharCut(
+            id=str(cut.get("id")),
+            duration=float(cut["duration"]) if "duration" in cut else math.nan,
+            text=" ".join(t for s in sups if (t := (s.get("text") or "").strip())),
+            supervisions=[
+                {
+                    "speaker": s.get("speaker"),
+                    "start": float(s.get("start", 0.0)),
+                    "duration": float(s.get("duration", 0.0)),
+                    "text": s.get("text") or "",
+                }
+                for s in sups
+            ],
+            custom={k: v for k, v in (cut.get("custom") or {}).items() if not is_manifest(v)},
+            audio=audio,
+            item=item,
+            input_index=shard.input_index,
+            shard=shard.cuts,
         )
+        if CONVERSATION_KEY in record.custom:
+            try:
+                _as_conversation(record, record.custom.pop(CONVERSATION_KEY))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CorruptShardError(
+                    f"{shard.cuts}: cut {record.id!r} has a malformed {CONVERSATION_KEY!r} ({type(exc).__name__}: "
+                    f"{exc}); re-create the shard with `speechlm data shar --type ...`"
+                ) from exc
+        out.append(record)
     return out
+
+
+def _as_conversation(record: SharCut, turns: list[dict[str, Any]]) -> None:
+    """Make a cut written by `data shar --type` a conversation again: its audio turns are spans of its one
+    recording (`orchestrator.data.convert_inputs`), each read as its own audio key."""
+    from orchestrator.data.records import Turn, conversation_text
+
+    out: list[Turn] = []
+    recording = record.audio.get("recording")
+    for turn in turns:
+        if turn["type"] != "audio":
+            out.append(Turn(turn["role"], text=str(turn["value"])))
+            continue
+        key = f"audio{sum(t.is_audio for t in out)}"
+        if recording is not None:
+            record.audio[key] = recording
+        record.spans[key] = (float(turn["offset"]), float(turn["duration"]))
+        out.append(Turn(turn["role"], audio=key))
+    record.audio.pop("recording", None)
+    record.turns = tuple(out)
+    record.text = conversation_text(record.turns)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,9 +457,14 @@ class EncodedSharWriter:
         return _final_paths(paths, self._tmp, self.out_dir)
 
     def write(self, cut, encoded: dict[str, bytes]) -> None:
-        """Write ``cut`` plus one encoded blob per field (``recording`` or a custom Recording field)."""
+        """Write ``cut`` plus one encoded blob per field (``recording`` or a custom Recording field); a field
+        missing from ``encoded`` is written as lhotse's no-data placeholder."""
         _check_cut_id(cut.id)
         for name, tar in self._tars.items():
+            if name not in encoded:  # as lhotse's writer: a cut without this field (text-only) gets placeholders
+                tar.write(f"{cut.id}.nodata", io.BytesIO())
+                tar.write(f"{cut.id}.nometa", io.BytesIO(), count=False)
+                continue
             manifest = cut.recording if name == "recording" else cut.custom[name]
             tar.write(f"{cut.id}.{self.fields[name]}", io.BytesIO(encoded[name]))
             tar.write(f"{cut.id}.json", io.BytesIO(json.dumps(manifest.to_dict()).encode() + b"\n"), count=False)
