@@ -58,11 +58,14 @@ def new_board_name(dataset: str) -> str:
 
 
 def create_board(board_name: str, plan: DatasetPlan):
-    """Start the board on the driver; keep the returned handle as long as the dataset (the actor lives as long as
-    a handle to it does)."""
+    """Start the board on the driver's node; keep the returned handle as long as the dataset (the actor lives as
+    long as a handle to it does). Pinned there because an elastic run loses spot nodes: a board placed on one
+    would die with it and end the run, while the driver's node lives as long as the run does."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(ResumeBoard).options(name=board_name, num_cpus=0).remote(plan)
+    driver_node = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(ResumeBoard).options(name=board_name, num_cpus=0, scheduling_strategy=driver_node).remote(plan)
 
 
 def publish_restored_position(board_name: str | None, position: DataPosition | None) -> DataPosition | None:

@@ -102,20 +102,26 @@ def world_runs(entries: list[tuple[int, int]]) -> list[int]:
     return runs
 
 
-def wait_for(condition, what: str, runner: threading.Thread, timeout: float = 600.0) -> None:
+def wait_for(
+    condition, what: str, runner: threading.Thread, timeout: float = 600.0, outcome: dict | None = None
+) -> None:
     deadline = time.time() + timeout
     while not condition():
         if not runner.is_alive():
-            raise RuntimeError(f"the run ended while waiting for {what}; world sizes: {world_runs(worlds())}")
+            result = (outcome or {}).get("result")
+            error = (outcome or {}).get("error") or (result.error if result is not None else None)
+            raise RuntimeError(
+                f"the run ended while waiting for {what}; world sizes: {world_runs(worlds())}; its error: {error}"
+            )
         if time.time() > deadline:
             raise TimeoutError(f"timed out waiting for {what}; world sizes so far: {world_runs(worlds())}")
         time.sleep(0.5)
 
 
-def overrides(shar: Path, run_dir: Path) -> list[str]:
+def overrides(shar: Path, llm: Path, run_dir: Path) -> list[str]:
     return [
         "model.model_type=elastic_cut_counter",
-        f"model.pretrained_llm={shar}",  # an existing path for the config's source check; the toy model reads none
+        f"model.pretrained_llm={llm}",  # a loadable LLM dir for the config's source check; the toy model reads none
         f"data.train_ds.input_cfg.0.shar_path={shar}",
         "data.train_ds.batch_size=3",
         "data.train_ds.batch_duration=null",
@@ -145,12 +151,14 @@ def main(work: Path, out: Path) -> None:
     from orchestrator.demo.synthetic_shar import write_synthetic_shar
     from orchestrator.storage import checkpoints
     from orchestrator.training.driver import run_training
+    from speech_models.testing import build_tiny_llm_dir
 
     global CONTROL
     CONTROL = work / "control"
     CONTROL.mkdir(parents=True, exist_ok=True)
     os.environ["ELASTIC_CONTROL"] = str(CONTROL)
     shar = write_synthetic_shar(work / "shar", n_cuts=SHARDS * CUTS_PER_SHARD, n_shards=SHARDS, durations=[1.0])
+    llm = build_tiny_llm_dir(work / "llm")
     run_dir = work / "run"
 
     cluster = Cluster(
@@ -164,7 +172,7 @@ def main(work: Path, out: Path) -> None:
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         register(ModelEntry("elastic_cut_counter", model=CutCounter, collator=CutIdCollator, metrics=(LOSS,)))
-        cfg = load_experiment(CONFIG, overrides(shar, run_dir)).cfg
+        cfg = load_experiment(CONFIG, overrides(shar, llm, run_dir)).cfg
         outcome: dict = {}
 
         def train() -> None:
@@ -179,7 +187,7 @@ def main(work: Path, out: Path) -> None:
         runner.start()
 
         # 1. Two workers train and checkpoint; then node_b is lost (its worker with it).
-        wait_for(lambda: 2 in world_runs(worlds()), "a worker group of 2", runner)
+        wait_for(lambda: 2 in world_runs(worlds()), "a worker group of 2", runner, outcome=outcome)
         wait_for(lambda: (checkpoints.list_checkpoints(str(run_dir)) or [(0, "")])[-1][0] >= 2, "a checkpoint", runner)
         wait_for(lambda: len(worlds()) >= 10, "both workers waiting after 5 steps", runner)
         facts["node_lost_after_forwards"] = len(worlds())
