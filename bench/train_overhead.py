@@ -106,9 +106,12 @@ def ray_step_times(demo: Path, tmp: Path, steps: int, train_rows=None) -> tuple[
     from orchestrator.training.resources import plan_resources
 
     build_datasets = datasets.build_datasets
+    replaced: list = []  # the real train dataset holds the handle of its resume board: kept, the board lives
 
     def with_preloaded_train(*args, **kwargs):
-        return {**build_datasets(*args, **kwargs), TRAIN: train_rows}
+        built = build_datasets(*args, **kwargs)
+        replaced.append(built[TRAIN])
+        return {**built, TRAIN: train_rows}
 
     run_dir = tmp / ("ray_stream" if train_rows is None else "ray_preloaded")
     cfg = load_experiment(CONFIG, overrides(demo, run_dir, steps, 10)).cfg

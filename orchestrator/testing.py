@@ -128,6 +128,21 @@ class WordTokenCollator:
         }
 
 
+class CutIdCollator:
+    """The batch of a toy cut-counting model: a constant input per example and the cut ids it trains on."""
+
+    def __init__(self, model_cfg, data_cfg, dataset_cfg):
+        pass
+
+    def __call__(self, examples):
+        return {"x": np.ones((len(examples), 1), np.float32), "ids": [e["id"] for e in examples]}
+
+    def prompt_defaults(self):
+        from speech_models.config import PromptDefaults
+
+        return PromptDefaults()
+
+
 def cut_counter_entry(control_dir: str | Path, slots: int = 4096):
     """A toy model entry (`model_type: cut_counter`) that counts how often each cut was trained on, for
     exactly-once checks of the data pipeline through real runs, restarts and resumes.
@@ -148,20 +163,9 @@ def cut_counter_entry(control_dir: str | Path, slots: int = 4096):
     import torch
     from torch import nn
 
-    from speech_models.config import PromptDefaults
     from speech_models.registry import LOSS, ModelEntry
 
     control = Path(control_dir)
-
-    class CutIdCollator:
-        def __init__(self, model_cfg, data_cfg, dataset_cfg):
-            pass
-
-        def __call__(self, examples):
-            return {"x": np.ones((len(examples), 1), np.float32), "ids": [e["id"] for e in examples]}
-
-        def prompt_defaults(self):
-            return PromptDefaults()
 
     class CutCounter(nn.Module):
         def __init__(self, cfg, data_cfg=None):

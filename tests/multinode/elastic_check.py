@@ -27,7 +27,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np
 import ray
 import ray.data
 import torch
@@ -38,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from orchestrator.config import load_experiment  # noqa: E402
-from speech_models.config import PromptDefaults  # noqa: E402
+from orchestrator.testing import CutIdCollator  # noqa: E402
 from speech_models.registry import LOSS, ModelEntry, register  # noqa: E402
 
 CONFIG = ROOT / "configs" / "demo" / "salm.yaml"
@@ -46,17 +45,6 @@ SHARDS, CUTS_PER_SHARD, BATCH = 16, 6, 3
 HEAD_CPUS, NODE_B_CPUS, WORKER_CPUS = 5, 3, 3  # one worker per node; 2 CPUs left on the head for Ray Data
 OBJECT_STORE_BYTES = 256 * 1024**2
 CONTROL = Path(os.environ.get("ELASTIC_CONTROL", "/nonexistent"))  # set in main(), inherited by Ray workers
-
-
-class CutIdCollator:
-    def __init__(self, model_cfg, data_cfg, dataset_cfg):
-        pass
-
-    def __call__(self, examples):
-        return {"x": np.ones((len(examples), 1), np.float32), "ids": [e["id"] for e in examples]}
-
-    def prompt_defaults(self):
-        return PromptDefaults()
 
 
 class CutCounter(nn.Module):
