@@ -15,13 +15,18 @@ padding) have no duration of their own and are skipped the same way.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from orchestrator.data.nemo_manifest import expand_paths, resolve_audio_path
 from orchestrator.data.records import SharCut, Shard
-from orchestrator.data.shar import CorruptShardError, SharLayoutError, is_manifest, read_manifest_cached
+from orchestrator.data.shar import (
+    CorruptShardError,
+    SharLayoutError,
+    is_manifest,
+    read_manifest_cached,
+    record_from_cut,
+)
 from orchestrator.storage.paths import absolute, is_url
 
 MANIFEST_SUFFIXES = (".jsonl.gz", ".jsonl", ".json", ".json.gz")
@@ -68,28 +73,8 @@ def read_lhotse_shard(
         raise CorruptShardError(f"{shard.cuts}: cannot read the cuts manifest ({type(exc).__name__}: {exc})") from exc
     records = []
     for cut in cuts:
-        sups = cut.get("supervisions") or []
-        duration = float(cut["duration"]) if "duration" in cut else math.nan
-        start = float(cut.get("start", 0.0))
-        record = SharCut(
-            id=str(cut.get("id")),
-            duration=duration,
-            text=" ".join(t for s in sups if (t := (s.get("text") or "").strip())),
-            supervisions=[
-                {
-                    "speaker": s.get("speaker"),
-                    "start": float(s.get("start", 0.0)),
-                    "duration": float(s.get("duration", 0.0)),
-                    "text": s.get("text") or "",
-                }
-                for s in sups
-            ],
-            custom={k: v for k, v in (cut.get("custom") or {}).items() if not is_manifest(v)},
-            audio={},
-            item=item,
-            input_index=shard.input_index,
-            shard=shard.cuts,
-        )
+        record = record_from_cut(cut, shard, item, audio={})
+        duration, start = record.duration, float(cut.get("start", 0.0))
         fields = {"recording": cut.get("recording")} if cut.get("recording") else {}
         fields.update({k: v for k, v in (cut.get("custom") or {}).items() if is_manifest(v) and "sources" in v})
         for name, recording in fields.items():

@@ -286,6 +286,31 @@ class CorruptShardError(RuntimeError):
     """A shard cannot be read; fatal only with `skip_corrupt: false`."""
 
 
+def record_from_cut(cut: Mapping[str, Any], shard: Shard, item: int, audio: dict[str, TarEntry]) -> SharCut:
+    """One Lhotse cut (a manifest line, as a dict) as a record: id, duration, joined supervision text, plain custom
+    fields (manifests such as recordings left out), with the audio entries given. Shar and Lhotse manifests share it."""
+    sups = cut.get("supervisions") or []
+    return SharCut(
+        id=str(cut.get("id")),
+        duration=float(cut["duration"]) if "duration" in cut else math.nan,
+        text=" ".join(t for s in sups if (t := (s.get("text") or "").strip())),
+        supervisions=[
+            {
+                "speaker": s.get("speaker"),
+                "start": float(s.get("start", 0.0)),
+                "duration": float(s.get("duration", 0.0)),
+                "text": s.get("text") or "",
+            }
+            for s in sups
+        ],
+        custom={k: v for k, v in (cut.get("custom") or {}).items() if not is_manifest(v)},
+        audio=audio,
+        item=item,
+        input_index=shard.input_index,
+        shard=shard.cuts,
+    )
+
+
 def read_shard(
     shard: Shard,
     item: int = 0,
@@ -327,26 +352,7 @@ def read_shard(
                 )
             if entry.data is not None:
                 audio[name] = entry
-        sups = cut.get("supervisions") or []
-        record = SharCut(
-            id=str(cut.get("id")),
-            duration=float(cut["duration"]) if "duration" in cut else math.nan,
-            text=" ".join(t for s in sups if (t := (s.get("text") or "").strip())),
-            supervisions=[
-                {
-                    "speaker": s.get("speaker"),
-                    "start": float(s.get("start", 0.0)),
-                    "duration": float(s.get("duration", 0.0)),
-                    "text": s.get("text") or "",
-                }
-                for s in sups
-            ],
-            custom={k: v for k, v in (cut.get("custom") or {}).items() if not is_manifest(v)},
-            audio=audio,
-            item=item,
-            input_index=shard.input_index,
-            shard=shard.cuts,
-        )
+        record = record_from_cut(cut, shard, item, audio)
         if CONVERSATION_KEY in record.custom:
             try:
                 _as_conversation(record, record.custom.pop(CONVERSATION_KEY))
