@@ -164,7 +164,7 @@ class SweepTrial(tune.Trainable):
             if "controller" in item:
                 self.controller = item["controller"]
                 continue
-            metrics = {k: v for k, v in item["metrics"].items() if isinstance(v, (int, float)) and math.isfinite(v)}
+            metrics = _finite_numbers(item["metrics"])
             self.last_metrics = metrics
             self.last_checkpoint = item["checkpoint"] or self.last_checkpoint
             if metrics.get("step", 0) >= self.context.loaded.max_steps:
@@ -243,9 +243,7 @@ class SweepTrial(tune.Trainable):
         if int(state.get("step", 0)) < self.context.loaded.max_steps:
             return None
         self.last_checkpoint = latest
-        metrics = {
-            k: v for k, v in state.get("metrics", {}).items() if isinstance(v, (int, float)) and math.isfinite(v)
-        }
+        metrics = _finite_numbers(state.get("metrics", {}))
         return {**metrics, "step": int(state["step"])}
 
     def _raise_if_failed(self) -> None:
@@ -506,3 +504,8 @@ def finish_sweep(context: SweepContext, records: list, elapsed: float, interrupt
         tracking_uri=context.tracking_uri,
         parent_run_id=context.parent_run_id,
     )
+
+
+def _finite_numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    """The metrics Tune can rank: numbers, finite (a NaN placeholder or a string is left out)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
