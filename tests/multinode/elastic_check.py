@@ -90,14 +90,13 @@ def world_runs(entries: list[tuple[int, int]]) -> list[int]:
     return runs
 
 
-def wait_for(
-    condition, what: str, runner: threading.Thread, timeout: float = 600.0, outcome: dict | None = None
-) -> None:
+def wait_for(condition, what: str, runner: threading.Thread, outcome: dict, timeout: float = 600.0) -> None:
+    """Wait for `condition`; a run that ended first (its `outcome`: result or error) fails the check with its error."""
     deadline = time.time() + timeout
     while not condition():
         if not runner.is_alive():
-            result = (outcome or {}).get("result")
-            error = (outcome or {}).get("error") or (result.error if result is not None else None)
+            result = outcome.get("result")
+            error = outcome.get("error") or (result.error if result is not None else None)
             raise RuntimeError(
                 f"the run ended while waiting for {what}; world sizes: {world_runs(worlds())}; its error: {error}"
             )
@@ -175,9 +174,14 @@ def main(work: Path, out: Path) -> None:
         runner.start()
 
         # 1. Two workers train and checkpoint; then node_b is lost (its worker with it).
-        wait_for(lambda: 2 in world_runs(worlds()), "a worker group of 2", runner, outcome=outcome)
-        wait_for(lambda: (checkpoints.list_checkpoints(str(run_dir)) or [(0, "")])[-1][0] >= 2, "a checkpoint", runner)
-        wait_for(lambda: len(worlds()) >= 10, "both workers waiting after 5 steps", runner)
+        wait_for(lambda: 2 in world_runs(worlds()), "a worker group of 2", runner, outcome)
+        wait_for(
+            lambda: (checkpoints.list_checkpoints(str(run_dir)) or [(0, "")])[-1][0] >= 2,
+            "a checkpoint",
+            runner,
+            outcome,
+        )
+        wait_for(lambda: len(worlds()) >= 10, "both workers waiting after 5 steps", runner, outcome)
         facts["node_lost_after_forwards"] = len(worlds())
         cluster.remove_node(node_b, allow_graceful=False)
 
@@ -186,13 +190,16 @@ def main(work: Path, out: Path) -> None:
             lambda: world_runs(worlds())[-1:] == [1] and len([w for _, w in worlds() if w == 1]) >= 5,
             "training on the remaining node",
             runner,
+            outcome,
         )
         facts["steps_on_one_node"] = len([w for _, w in worlds() if w == 1])
         (CONTROL / "hold_world2").unlink()  # the next group of 2 trains through
         cluster.add_node(num_cpus=NODE_B_CPUS, resources={"node_b": 1}, object_store_memory=OBJECT_STORE_BYTES)
 
         # 3. The worker group grows back to 2 and finishes the epoch.
-        wait_for(lambda: world_runs(worlds())[-1:] == [2] and 1 in world_runs(worlds()), "growing back to 2", runner)
+        wait_for(
+            lambda: world_runs(worlds())[-1:] == [2] and 1 in world_runs(worlds()), "growing back to 2", runner, outcome
+        )
         (CONTROL / "hold_world1").unlink(missing_ok=True)
         runner.join(timeout=900)
         result = outcome.get("result")
