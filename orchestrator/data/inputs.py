@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.data.records import SharCut, Shard
+from orchestrator.data.records import SharCut, Shard, part_bounds
 
 if TYPE_CHECKING:
     from orchestrator.config.schema import InputConfig
@@ -147,13 +147,13 @@ def read_records(
         records = nemo_manifest.read_nemo_shard(shard, options, item, storage_options, with_audio=with_audio)
     elif shard.format in ("multimodal_conversation", "share_gpt"):
         records = conversations.read_conversation_shard(shard, options, item, storage_options, with_audio=with_audio)
-    elif shard.format in TEXT_TYPES:
+    elif shard.format in TEXT_TYPES:  # reads only its part's lines
         records = text_data.read_text_shard(shard, options, item, storage_options, with_audio=with_audio)
     else:
         raise ValueError(f"shard {shard.cuts} has format {shard.format!r}, which no reader handles")
-    if shard.part is not None:
-        k, count = shard.part
-        records = records[k * len(records) // count : (k + 1) * len(records) // count]
+    if shard.part is not None and shard.format not in TEXT_TYPES:
+        first, last = part_bounds(len(records), shard.part)
+        records = records[first:last]
     for index, record in enumerate(records):
         record.index = index
     return records

@@ -117,6 +117,14 @@ class SharCut:
         return bool(self.files)
 
 
+def part_bounds(count: int, part: tuple[int, int] | None) -> tuple[int, int]:
+    """[first, last) of the records of part (k, parts) of a shard of `count` records (the whole shard for None)."""
+    if part is None:
+        return 0, count
+    k, parts = part
+    return k * count // parts, (k + 1) * count // parts
+
+
 def conversation_text(turns: tuple[Turn, ...]) -> str:
     """The last assistant answer of a conversation: what a model is scored on."""
     answers = [t.text for t in turns if t.role == "assistant" and not t.is_audio and t.text.strip()]

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from orchestrator.data.records import SharCut, Shard, TarEntry
+from orchestrator.data.tar_members import TarFormatError, plain_tar_members
 from orchestrator.storage import filesystems
 from orchestrator.storage.atomic import atomic_dir
 from orchestrator.storage.paths import is_url, join, local_path
@@ -272,7 +273,25 @@ def read_manifest_cached(
 
 
 def iter_tar_entries(raw: bytes | io.BufferedIOBase) -> Iterator[TarEntry]:
-    """The (data, manifest) member pairs of a field tar, in archive order (lhotse's own pairwise reader)."""
+    """The (data, manifest) member pairs of a field tar, in archive order: `.nodata`/`.nometa` members (a cut
+    without this field) give None. Plain tars in memory are parsed directly (`tar_members`), others by lhotse's
+    own pairwise reader over `tarfile`."""
+    members = plain_tar_members(raw) if isinstance(raw, bytes) else None
+    if members is None:
+        yield from _iter_tar_entries_with_tarfile(raw)
+        return
+    if len(members) % 2:
+        raise TarFormatError(f"{len(members)} members: a Shar tar holds pairs of data and manifest members")
+    for (data_path, data), (meta_path, meta) in zip(members[::2], members[1::2], strict=True):
+        name = PurePosixPath(data_path)
+        yield TarEntry(
+            str(name.with_suffix("")),
+            None if name.suffix == ".nodata" else data,
+            None if meta_path.endswith(".nometa") else meta,
+        )
+
+
+def _iter_tar_entries_with_tarfile(raw: bytes | io.BufferedIOBase) -> Iterator[TarEntry]:
     from lhotse.shar.readers.tar import iterate_tarfile_pairwise
 
     fileobj = io.BytesIO(raw) if isinstance(raw, bytes) else raw

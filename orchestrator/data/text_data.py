@@ -20,7 +20,7 @@ from typing import Any
 
 from orchestrator.data.conversations import role_of
 from orchestrator.data.nemo_manifest import expand_paths
-from orchestrator.data.records import SharCut, Shard, Turn, conversation_text
+from orchestrator.data.records import SharCut, Shard, Turn, conversation_text, part_bounds
 from orchestrator.data.shar import CorruptShardError, SharLayoutError, read_manifest_cached
 from orchestrator.storage import filesystems
 from orchestrator.storage.paths import absolute, is_url
@@ -60,7 +60,11 @@ def read_text_shard(
     *,
     with_audio: bool = True,
 ) -> list[SharCut]:
-    """Every example of one text file as a text-only record."""
+    """Every example of one text file (of its part, for a shard that is a slice) as a text-only record.
+
+    A big text file is read as several parts (`Shard.part`): only the part's lines become records, since a weighted
+    mix takes a few examples from every text file per epoch and building all of them for each part dominated the
+    read task (see bench/README.md, mixed case)."""
     stem = PurePosixPath(shard.cuts).name.split(".")[0]
     try:
         if shard.format == "txt":
@@ -70,8 +74,9 @@ def read_text_shard(
     except Exception as exc:
         raise CorruptShardError(f"{shard.cuts}: cannot read the text file ({type(exc).__name__}: {exc})") from exc
     text_field = options.get("text_field") or "text"
+    first, last = part_bounds(len(rows), shard.part)
     records = []
-    for index, row in enumerate(rows):
+    for index, row in enumerate(rows[first:last], start=first):
         if shard.format == "txt":
             turns = (Turn("assistant", text=row.strip()),)
         elif shard.format == "txt_jsonl":
