@@ -15,9 +15,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+NEW_VOICE_WAV := data/demo/asr/new_voice_wav/asr-new-voice-000000.wav
+
 demo: $(STAMP)
 	$(PY) -m orchestrator data demo --out data/demo
 	$(PY) -m orchestrator train configs/demo/salm.yaml
+	# The best checkpoint on sentences it never heard: the test split, and test sentences in voices no split has.
+	$(PY) -m orchestrator eval experiments/demo_salm --data data/demo/asr/test data/demo/asr/test_new_voice
+	@echo "a new sentence in a new voice, $(NEW_VOICE_WAV): \"$$(cat $(NEW_VOICE_WAV:.wav=.txt))\""
+	$(PY) -m orchestrator infer experiments/demo_salm $(NEW_VOICE_WAV)
 	@echo "next: source $(VENV)/bin/activate   # puts speechlm and mlflow on PATH for the commands in README.md"
 
 test: $(STAMP)

@@ -2,7 +2,7 @@
 
 Modules: `registry` (one entry per model type: what the orchestrator needs from it), `config` (typed model
 schema) built by `typed_data`, `perception` (log-mel + FastConformer + adapter), `salm`, `duplex_s2s*`,
-`codec`, `prompts`, `freezing`, `audio` (resampling), `metrics` (WER/BLEU), `precision`, `pretrained`
+`ctc` (a CTC ASR model saved as a `.nemo` archive: pretrained encoders), `codec`, `prompts`, `freezing`, `audio` (resampling), `metrics` (WER/BLEU), `precision`, `pretrained`
 (self-contained exports, `from_pretrained`, `init_from_checkpoint`), `nemo_format` (NeMo speechlm2 checkpoint
 directories, read and written), `testing` (tiny offline builders). Nothing heavy is imported here: Ray Data tasks
 that only collate batches stay light, and nothing here imports the orchestrator.

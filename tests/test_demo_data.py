@@ -115,6 +115,27 @@ def test_asr_shar_reads_back_with_plain_lhotse(demo_dir: Path):
         assert 1.0 <= cut.duration <= 6.0
 
 
+def test_new_voice_split_is_spoken_by_voices_no_training_split_uses(demo_dir: Path):
+    """`asr/test_new_voice` (for `speechlm eval`) and its WAVs (for `speechlm infer`) hold test sentences in voices
+    outside synth.all_voices(), with a pitch outside the training range."""
+    import soundfile as sf
+    from lhotse import CutSet
+
+    from orchestrator.demo.grammar import split_of
+
+    cuts = list(CutSet.from_shar(in_dir=demo_dir / "asr" / "test_new_voice"))
+    assert len(cuts) == 40
+    for cut in cuts:
+        (sup,) = cut.supervisions
+        assert sup.speaker not in synth.all_voices() and split_of(sup.text) == "test"
+    wavs = sorted((demo_dir / "asr" / "new_voice_wav").glob("*.wav"))
+    assert len(wavs) == 3
+    for wav in wavs:
+        audio, rate = sf.read(wav)
+        assert rate == USER_SAMPLE_RATE and np.abs(audio).max() > 0.05
+        assert split_of(wav.with_suffix(".txt").read_text().strip()) == "test"
+
+
 def test_s2s_shar_has_user_and_agent_channels(demo_dir: Path):
     from lhotse import CutSet
 
@@ -153,6 +174,9 @@ def _shar_content(root: Path) -> list:
 
     content = []
     for split_dir in sorted([*root.glob("asr/*"), *root.glob("s2s/*")]):  # not llm/ or codec/
+        if not list(split_dir.glob("cuts.*")):  # the new-voice WAVs for `speechlm infer`
+            content += [(p.name, p.read_bytes()) for p in sorted(split_dir.iterdir())]
+            continue
         for path in sorted(split_dir.glob("cuts.*.jsonl.gz")):
             with gzip.open(path, "rt") as f:
                 content.append((path.relative_to(root), f.read()))

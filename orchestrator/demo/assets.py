@@ -45,6 +45,9 @@ S2S_TAIL_SECONDS = 0.24
 # The agent speaks with one fixed voice, as a deployed assistant would; users vary.
 AGENT_STYLE = synth.VoiceStyle(voice="en-us+f3", rate=165, pitch=50, word_gap=0)
 HELDOUT_FRACTION = 0.05
+# Test sentences in voices no split uses: a Shar split for `speechlm eval`, and a few WAVs for `speechlm infer`.
+NEW_VOICE_SPLIT, NEW_VOICE_CUTS = "test_new_voice", 40
+NEW_VOICE_WAVS, NEW_VOICE_WAV_COUNT = "new_voice_wav", 3
 _PARAMS_FILE = ".demo_params.json"
 
 
@@ -72,7 +75,7 @@ class DemoSummary:
         for task, splits in self.splits.items():
             for split, s in splits.items():
                 note = " (existed, skipped)" if s.skipped else ""
-                lines.append(f"  {task}/{split:<5} {s.cuts:6d} cuts {s.hours:7.3f} h{note}")
+                lines.append(f"  {task}/{split:<14} {s.cuts:6d} cuts {s.hours:7.3f} h{note}")
         lines.append(f"  llm: {self.llm_dir}")
         if self.audio_hours_made:
             rate = self.seconds / self.audio_hours_made
@@ -121,6 +124,15 @@ def asr_jobs(split: str, seed: int) -> Iterator[AsrJob]:
         style = synth.sample_style(rng)
         lead, trail = rng.uniform(0.05, 0.4), rng.uniform(0.1, 0.5)
         yield AsrJob(f"asr-{split}-{i:06d}", text, style, round(lead, 3), round(trail, 3))
+
+
+def new_voice_jobs(seed: int) -> Iterator[AsrJob]:
+    """Test-split sentences (a stream of their own) spoken by voices no split uses (`synth.NEW_VOICE_VARIANTS`)."""
+    rng = random.Random(f"asr-new-voice-{seed}")
+    for i, text in enumerate(grammar.generate_sentences("test", seed + 7)):
+        style = synth.sample_new_voice_style(rng)
+        lead, trail = rng.uniform(0.05, 0.4), rng.uniform(0.1, 0.5)
+        yield AsrJob(f"asr-new-voice-{i:06d}", text, style, round(lead, 3), round(trail, 3))
 
 
 def s2s_jobs(split: str, seed: int) -> Iterator[S2sJob]:
@@ -294,11 +306,13 @@ def write_demo_split(
     shard_size: int = 200,
     pool=None,
     progress: bool = False,
+    jobs: Iterator | None = None,
 ) -> SplitSummary:
     """Write one demo split (``task`` "asr" or "s2s") as Shar into ``out_dir``, atomically.
 
     Stops at the first job that brings it to ``target_s`` seconds and ``min_cuts`` cuts.
     ``pool``: an optional ``synth.worker_pool`` to render in; None renders in-process.
+    ``jobs``: the jobs to render (default: the task's jobs for ``split``).
     """
     from tqdm.auto import tqdm
 
@@ -310,7 +324,8 @@ def write_demo_split(
         tqdm(total=round(target_s), unit="s", desc=f"{task}/{split}", disable=not progress) as bar,
         EncodedSharWriter(out_dir, spec["fields"], shard_size) as writer,  # atomic: appears when complete
     ):
-        for job, encoded in _encoded_stream(spec["jobs"](split, seed), spec["encode"], pool, target_s, min_cuts):
+        jobs = spec["jobs"](split, seed) if jobs is None else jobs
+        for job, encoded in _encoded_stream(jobs, spec["encode"], pool, target_s, min_cuts):
             writer.write(shar_cut(job, encoded), encoded.audio)
             cuts, seconds = cuts + 1, seconds + encoded.duration
             bar.update(round(seconds) - bar.n)
@@ -328,6 +343,21 @@ def _existing_split(split_dir: Path) -> SplitSummary:
                 cuts += 1
                 seconds += json.loads(line)["duration"]
     return SplitSummary(cuts, seconds / 3600, skipped=True)
+
+
+def write_new_voice_wavs(out_dir: Path, seed: int) -> None:
+    """The first NEW_VOICE_WAV_COUNT sentences of the new-voice split as WAV files, with their text beside them
+    (`<id>.txt`), for `speechlm infer --audio`. Skipped when they exist."""
+    import soundfile as sf
+
+    if out_dir.is_dir() and len(list(out_dir.glob("*.wav"))) == NEW_VOICE_WAV_COUNT:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for job in itertools.islice(new_voice_jobs(seed), NEW_VOICE_WAV_COUNT):
+        atomic.write_text(out_dir / f"{job.cut_id}.txt", job.text + "\n")
+        partial = out_dir / f".{job.cut_id}.wav.partial"
+        sf.write(partial, render_asr(job), USER_SAMPLE_RATE, format="WAV")
+        partial.replace(out_dir / f"{job.cut_id}.wav")
 
 
 def tokenizer_corpus(seed: int, num_sentences: int = 4000, num_pairs: int = 2000) -> list[str]:
@@ -414,6 +444,17 @@ def make_demo_assets(
                 )
                 summary.splits[task][split] = result
                 made_s += result.hours * 3600
+        new_voice = out / "asr" / NEW_VOICE_SPLIT
+        if new_voice.is_dir():
+            summary.splits["asr"][NEW_VOICE_SPLIT] = _existing_split(new_voice)
+        else:
+            result = write_demo_split(
+                new_voice, "asr", "test", seed, target_s=0.0, min_cuts=NEW_VOICE_CUTS, shard_size=shard_size,
+                pool=pool, progress=progress, jobs=new_voice_jobs(seed),
+            )  # fmt: skip
+            summary.splits["asr"][NEW_VOICE_SPLIT] = result
+            made_s += result.hours * 3600
+        write_new_voice_wavs(out / "asr" / NEW_VOICE_WAVS, seed)
         from orchestrator.demo.formats import make_format_demos
 
         make_format_demos(out, hours, seed, min_heldout_cuts, pool=pool)

@@ -73,6 +73,22 @@ def all_voices() -> list[str]:
     return [b + v for b in BASE_VOICES for v in VARIANTS]
 
 
+# Voices no training split uses: other variants of the same base voices, with a pitch outside PITCH_RANGE. The
+# demo's `test_new_voice` split and its WAVs are spoken by them, to show a model hearing a new speaker.
+NEW_VOICE_VARIANTS: tuple[str, ...] = ("+m2", "+m4", "+m5", "+m6", "+f2", "+f5")
+
+
+def sample_new_voice_style(rng: random.Random) -> VoiceStyle:
+    """A speaker the training splits never have (see NEW_VOICE_VARIANTS)."""
+    low, high = PITCH_RANGE
+    return VoiceStyle(
+        voice=rng.choice(BASE_VOICES) + rng.choice(NEW_VOICE_VARIANTS),
+        rate=rng.randint(*RATE_RANGE),
+        pitch=rng.choice([rng.randint(low - 15, low - 1), rng.randint(high + 1, high + 15)]),
+        word_gap=rng.randint(*WORD_GAP_RANGE),
+    )
+
+
 def sample_style(rng: random.Random) -> VoiceStyle:
     """Draw a speaker: voice, rate, pitch and word gap, from ranges tuned for intelligibility."""
     return VoiceStyle(

@@ -54,6 +54,7 @@ DEFAULT_BATCH_SIZE = 8  # when neither the checkpoint's validation set nor --bat
 EVAL_EXPERIMENT = "speechlm-eval"  # MLflow experiment for models without a training run (exports)
 MANIFEST_FILE = "hypotheses.jsonl"
 METRICS_FILE = "metrics.json"
+SHOWN_EXAMPLES = 3  # (reference, hypothesis) pairs printed per set; every pair is in the manifest
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,6 +241,7 @@ class SetResult:
     manifest: str
     counters: dict[str, int] = field(default_factory=dict)
     validation: dict[str, float] = field(default_factory=dict)  # what validation reported for this set, if any
+    examples: list[tuple[str, str]] = field(default_factory=list)  # a few (reference, hypothesis) pairs, to read
 
 
 @dataclass
@@ -469,9 +471,10 @@ def evaluate(
             scoring_asr=scoring_asr,
             keep_audio=save_audio,
         )
+        examples = [(row["reference"], row["hypothesis"]) for row in rows[:SHOWN_EXAMPLES]]
         manifest = _write_outputs(out, name, path, source, metrics, rows)
         validation = {k: v for k, v in source.metrics.items() if k.endswith(f"_{name}") and k.startswith("val_")}
-        sets.append(SetResult(name, path, metrics, str(manifest), counters, validation))
+        sets.append(SetResult(name, path, metrics, str(manifest), counters, validation, examples))
     report = EvalReport(source, sets, str(out))
     if mlflow:
         report.tracking_uri, report.mlflow_run_id = log_to_mlflow(report, tracking_uri)
@@ -512,6 +515,9 @@ def format_report(report: EvalReport) -> str:
         }
         if dropped:
             lines.append(f"  not scored: {dropped} (the set's duration/text filters, as in validation)")
+        for reference, hypothesis in s.examples:
+            lines.append(f"  reference:  {reference}")
+            lines.append(f"  hypothesis: {hypothesis}")
         lines.append(f"  manifest: {s.manifest}")
     if report.mlflow_run_id:
         lines.append(f"MLflow run {report.mlflow_run_id} at {redact(report.tracking_uri or '')}")
