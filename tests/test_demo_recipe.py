@@ -12,7 +12,7 @@ from orchestrator.training.driver import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_SALM = REPO / "configs" / "demo" / "salm.yaml"
-STEPS = 500  # the first 500 steps of the demo's 1000-step schedule (its learning rate is still high there)
+STEPS = 500  # the first 500 steps of the demo's 1500-step schedule (its learning rate is still high there)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -36,7 +36,7 @@ def _short_run(demo_speech: Path, tmp_path: Path, name: str, *extra: str) -> flo
         f"data.validation_ds.input_cfg.0.shar_path={demo_speech / 'asr' / 'val'}",
         f"trainer.max_steps={STEPS}",
         f"trainer.val_check_interval={STEPS}",
-        "model.lr_scheduler.max_steps=1000",
+        "model.lr_scheduler.max_steps=1500",
         "exp_manager.create_mlflow_logger=false",
         *extra,
     ]

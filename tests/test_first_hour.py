@@ -159,9 +159,9 @@ def test_a_resume_with_nothing_to_train_is_refused_before_ray(tmp_path, monkeypa
     from orchestrator.storage import checkpoints
     from orchestrator.training.driver import run_training
 
-    step_dir = tmp_path / "experiments" / "demo_salm" / "step=0001000"  # what `make demo` leaves
+    step_dir = tmp_path / "experiments" / "demo_salm" / "step=0001500"  # what `make demo` leaves
     step_dir.mkdir(parents=True)
-    state = {"step": 1000, "format_version": checkpoints.FORMAT_VERSION, "metrics": {}}
+    state = {"step": 1500, "format_version": checkpoints.FORMAT_VERSION, "metrics": {}}
     (step_dir / checkpoints.STATE_FILE).write_text(json.dumps(state))
     monkeypatch.setattr(checkpoints, "latest_checkpoint", lambda directory: str(step_dir))
     monkeypatch.setattr(checkpoints, "incomplete_checkpoints", lambda directory: {})
@@ -174,7 +174,7 @@ def test_a_resume_with_nothing_to_train_is_refused_before_ray(tmp_path, monkeypa
     with pytest.raises(ConfigError) as info:
         run_training(load_experiment(DEMO_SALM, overrides).cfg)
     message = str(info.value)
-    assert "nothing to train" in message and "at step 1000" in message and "trainer.max_steps is 1000" in message
+    assert "nothing to train" in message and "at step 1500" in message and "trainer.max_steps is 1500" in message
     assert "name=my_run; this one is name: 'demo_salm'" in message and "\n" not in message
     assert not (tmp_path / "experiments" / "demo_salm" / "mlflow.db").exists()
 
