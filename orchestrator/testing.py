@@ -16,9 +16,13 @@ if TYPE_CHECKING:
 
 
 def tiny_training_overrides(demo_dir: str | Path, run_dir: str | Path, max_steps: int = 6) -> list[str]:
-    """Overrides that shrink configs/demo/salm.yaml to a seconds-long run on `tiny_demo` assets."""
+    """Overrides that shrink configs/demo/salm.yaml to a seconds-long run on `tiny_demo` assets: a tiny encoder
+    from random weights (not the shipped pretrained one, whose architecture these keys would contradict), and
+    everything trains."""
     return [
         f"model.pretrained_llm={demo_dir}/llm",
+        "model.pretrained_asr=null",
+        "model.freeze_params=[]",
         "model.perception.encoder.n_layers=1",
         "model.perception.encoder.d_model=32",
         "model.perception.encoder.n_heads=2",

@@ -47,6 +47,7 @@ def config_args(data: Path, *extra: str) -> list[str]:
     return [
         str(ROOT / "configs" / "demo" / "salm.yaml"),
         f"model.pretrained_llm={data}/llm",
+        "model.pretrained_asr=null",  # the tiny random encoder below, not the demo's pretrained one
         "model.perception.encoder.n_layers=1",
         "model.perception.encoder.d_model=32",
         "model.perception.encoder.n_heads=2",
