@@ -55,6 +55,9 @@ def run(demo: Path, run_dir: Path, args: argparse.Namespace, asynchronous: bool)
     middle = args.steps // 2
     overrides = [
         f"model.pretrained_llm={demo}/llm",
+        # The model these figures were first measured on: the demo encoder from random weights, everything training.
+        "model.pretrained_asr=null",
+        "model.freeze_params=[]",
         f"data.train_ds.input_cfg.0.shar_path={demo}/asr/train",
         f"data.validation_ds.input_cfg.0.shar_path={demo}/asr/val",
         "trainer.devices=1",

@@ -36,6 +36,9 @@ CONFIG = ROOT / "configs" / "demo" / "salm.yaml"
 def overrides(demo: Path, run_dir: Path, steps: int, log_every: int) -> list[str]:
     return [
         f"model.pretrained_llm={demo}/llm",
+        # The model these figures were first measured on: the demo encoder from random weights, everything training.
+        "model.pretrained_asr=null",
+        "model.freeze_params=[]",
         f"data.train_ds.input_cfg.0.shar_path={demo}/asr/train",
         f"data.validation_ds.input_cfg.0.shar_path={demo}/asr/val",
         "trainer.devices=1",

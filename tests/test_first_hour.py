@@ -41,9 +41,11 @@ def llm(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def demo_overrides(shar: Path, llm: Path) -> list[str]:
-    """configs/demo/salm.yaml pointed at real (tiny) data and LLM."""
+    """configs/demo/salm.yaml pointed at real (tiny) data and LLM (and at the shipped encoder by an absolute path:
+    some tests run from another directory)."""
     return [
         f"model.pretrained_llm={llm}",
+        f"model.pretrained_asr={ROOT / 'configs' / 'demo' / 'pretrained' / 'asr_ctc.nemo'}",
         f"data.train_ds.input_cfg.0.shar_path={shar}",
         f"data.validation_ds.input_cfg.0.shar_path={shar}",
     ]
@@ -133,16 +135,16 @@ def test_an_adapter_narrower_than_the_encoder_is_named_before_ray(capsys, tmp_pa
 
 
 def test_a_shortened_run_is_accepted_with_warnings_that_name_the_fix(demo_overrides):
-    loaded = load_experiment(DEMO_SALM, [*demo_overrides, "trainer.max_steps=40"])
+    loaded = load_experiment(DEMO_SALM, [*demo_overrides, "trainer.max_steps=25"])
     (validation,) = [w for w in loaded.warnings if w.startswith("trainer.val_check_interval")]
-    assert "validates and checkpoints once, at step 40" in validation
+    assert "validates and checkpoints once, at step 25" in validation
     (warmup,) = [w for w in loaded.warnings if w.startswith("model.lr_scheduler.warmup_steps")]
-    assert "50 is not below the run's 40 steps" in warmup and "warmup_ratio" in warmup
+    assert "30 is not below the run's 25 steps" in warmup and "warmup_ratio" in warmup
     fixed = load_experiment(
         DEMO_SALM,
         [
             *demo_overrides,
-            "trainer.max_steps=40",
+            "trainer.max_steps=25",
             "trainer.val_check_interval=10",
             "~model.lr_scheduler.warmup_steps",
             "+model.lr_scheduler.warmup_ratio=0.1",
