@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
@@ -45,6 +46,11 @@ def ray_session():
     """
     import ray
 
+    # A suite started in the background by a non-interactive shell (`pytest ... &`) inherits SIGINT ignored, and
+    # so would every Ray process it starts; `ray.cancel` interrupts a running task with SIGINT, so cancellations
+    # would never land. A Python handler here is reset to the default in the processes Ray execs.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
