@@ -26,9 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from speech_models.config import ConformerConfig, PreprocessorConfig, SpecAugmentConfig
-from speech_models.perception import AudioToMelSpectrogramPreprocessor, ConformerEncoder, SpecAugment
+from speech_models.perception import (
+    NEMO_CONFIG_FILE,
+    NEMO_WEIGHTS_FILE,
+    AudioToMelSpectrogramPreprocessor,
+    ConformerEncoder,
+    SpecAugment,
+    nemo_asr_architecture,
+    read_nemo_members,
+)
 
-CONFIG_FILE, WEIGHTS_FILE = "model_config.yaml", "model_weights.ckpt"
 NEMO_CTC_TARGET = "nemo.collections.asr.models.ctc_bpe_models.EncDecCTCModelBPE"
 
 
@@ -151,7 +158,10 @@ def save_nemo(
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     weights = io.BytesIO()
     torch.save(state, weights)
-    members = {CONFIG_FILE: yaml.safe_dump(config, sort_keys=False).encode(), WEIGHTS_FILE: weights.getvalue()}
+    members = {
+        NEMO_CONFIG_FILE: yaml.safe_dump(config, sort_keys=False).encode(),
+        NEMO_WEIGHTS_FILE: weights.getvalue(),
+    }
     members.update(files or {})
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
@@ -164,35 +174,27 @@ def save_nemo(
     return path
 
 
-def read_nemo_members(path: str | os.PathLike) -> dict[str, bytes]:
-    with tarfile.open(path, "r:*") as tar:
-        return {Path(m.name).name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
-
-
 def load_nemo_ctc(path: str | os.PathLike) -> tuple[CTCModel, dict[str, Any], dict[str, bytes]]:
-    """(model in eval mode, its model_config.yaml, every archive member) of an archive `save_nemo` wrote."""
+    """(model in eval mode, its model_config.yaml, every archive member) of a NeMo CTC archive, such as those
+    `save_nemo` writes. Its front end and encoder are read as `load_nemo_asr` reads them."""
     import yaml
 
     members = read_nemo_members(path)
-    if CONFIG_FILE not in members or WEIGHTS_FILE not in members:
-        raise ValueError(f"{path}: not a .nemo archive ({CONFIG_FILE} and {WEIGHTS_FILE} expected)")
-    config = yaml.safe_load(members[CONFIG_FILE])
+    if NEMO_CONFIG_FILE not in members or NEMO_WEIGHTS_FILE not in members:
+        raise ValueError(f"{path}: not a .nemo archive ({NEMO_CONFIG_FILE} and {NEMO_WEIGHTS_FILE} expected)")
+    config = yaml.safe_load(members[NEMO_CONFIG_FILE])
     decoder = config.get("decoder") or {}
     if "num_classes" not in decoder:
         raise ValueError(f"{path}: model_config.yaml has no decoder.num_classes; is it a CTC model?")
-
-    def section(cls: type, values: dict[str, Any] | None) -> Any:
-        names = {f.name for f in dataclasses.fields(cls)} - {"_target_"}
-        return cls(**{k: v for k, v in (values or {}).items() if k in names})
-
+    preprocessor, encoder = nemo_asr_architecture(config, str(path))
     cfg = CTCModelConfig(
-        preprocessor=section(PreprocessorConfig, config["preprocessor"]),
-        encoder=section(ConformerConfig, config["encoder"]),
+        preprocessor=PreprocessorConfig(**preprocessor),
+        encoder=ConformerConfig(**encoder),
         spec_augment=None,  # inference or a new training run's choice, not the archive's
         vocabulary_size=int(decoder["num_classes"]),
         label_frames=int(decoder.get("label_frames", 1)),
     )
     model = CTCModel(cfg)
-    state = torch.load(io.BytesIO(members[WEIGHTS_FILE]), map_location="cpu", weights_only=True)
+    state = torch.load(io.BytesIO(members[NEMO_WEIGHTS_FILE]), map_location="cpu", weights_only=True)
     model.load_state_dict(state.get("state_dict", state))
     return model.eval(), config, members

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import tarfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -872,38 +873,50 @@ def _plain(value: Any) -> Any:
     return value
 
 
+NEMO_CONFIG_FILE, NEMO_WEIGHTS_FILE = "model_config.yaml", "model_weights.ckpt"
+
+
+def read_nemo_members(path: str | os.PathLike, names: Collection[str] | None = None) -> dict[str, bytes]:
+    """Members of a NeMo `.nemo` archive (a tar, gzipped or not) by file name: all of them, or those in `names`."""
+    with tarfile.open(path, "r:*") as tar:
+        return {
+            Path(m.name).name: tar.extractfile(m).read()
+            for m in tar.getmembers()
+            if m.isfile() and (names is None or Path(m.name).name in names)
+        }
+
+
+def nemo_asr_architecture(cfg: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(PreprocessorConfig keys, ConformerConfig keys) of a NeMo ASR model_config.yaml: NeMo's class defaults for
+    the keys it leaves out, keys with no counterpart here dropped with a warning."""
+    if "encoder" not in cfg or "preprocessor" not in cfg:
+        raise ValueError(f"{source}: model_config.yaml has no encoder/preprocessor section (keys: {sorted(cfg)})")
+    encoder = with_nemo_class_defaults("encoder", {k: _plain(v) for k, v in cfg["encoder"].items()})
+    preprocessor = with_nemo_class_defaults("preprocessor", dict(cfg["preprocessor"]))
+    return (
+        _known(PreprocessorConfig, preprocessor, f"{source} preprocessor"),
+        _known(ConformerConfig, encoder, f"{source} encoder"),
+    )
+
+
 def load_nemo_asr(path: str | os.PathLike, with_weights: bool = True) -> PretrainedASR:
     """Read a NeMo `.nemo` archive (a tar of model_config.yaml + model_weights.ckpt) without NeMo."""
     import yaml
 
     source = str(path)
-    config_text, weights_bytes = None, None
-    with tarfile.open(path, "r:*") as tar:
-        for member in tar.getmembers():
-            name = Path(member.name).name
-            if name == "model_config.yaml":
-                config_text = tar.extractfile(member).read().decode()
-            elif name == "model_weights.ckpt" and with_weights:
-                weights_bytes = tar.extractfile(member).read()
-    if config_text is None:
+    wanted = {NEMO_CONFIG_FILE, NEMO_WEIGHTS_FILE} if with_weights else {NEMO_CONFIG_FILE}
+    members = read_nemo_members(path, wanted)
+    if NEMO_CONFIG_FILE not in members:
         raise ValueError(f"{source} has no model_config.yaml; is it a .nemo archive?")
-    cfg = yaml.safe_load(config_text)
-    if "encoder" not in cfg or "preprocessor" not in cfg:
-        raise ValueError(f"{source}: model_config.yaml has no encoder/preprocessor section (keys: {sorted(cfg)})")
-    encoder = with_nemo_class_defaults("encoder", {k: _plain(v) for k, v in cfg["encoder"].items()})
-    preprocessor = with_nemo_class_defaults("preprocessor", dict(cfg["preprocessor"]))
+    preprocessor, encoder = nemo_asr_architecture(yaml.safe_load(members[NEMO_CONFIG_FILE].decode()), source)
     state = None
     if with_weights:
-        if weights_bytes is None:
+        if NEMO_WEIGHTS_FILE not in members:
             raise ValueError(f"{source} has no model_weights.ckpt")
-        raw = torch.load(io.BytesIO(weights_bytes), map_location="cpu", weights_only=True)
+        raw = torch.load(io.BytesIO(members[NEMO_WEIGHTS_FILE]), map_location="cpu", weights_only=True)
         raw = raw.get("state_dict", raw)
         state = {k: v for k, v in raw.items() if k.startswith(("encoder.", "preprocessor.featurizer."))}
-    return PretrainedASR(
-        _known(PreprocessorConfig, preprocessor, f"{source} preprocessor"),
-        _known(ConformerConfig, encoder, f"{source} encoder"),
-        state,
-    )
+    return PretrainedASR(preprocessor, encoder, state)
 
 
 # transformers ParakeetEncoder name -> NeMo/our name (after the "encoder." prefix)

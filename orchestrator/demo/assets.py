@@ -20,6 +20,7 @@ cut manifests (``EncodedSharWriter``), so it never decodes and re-encodes audio.
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import json
 import math
@@ -355,9 +356,9 @@ def write_new_voice_wavs(out_dir: Path, seed: int) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for job in itertools.islice(new_voice_jobs(seed), NEW_VOICE_WAV_COUNT):
         atomic.write_text(out_dir / f"{job.cut_id}.txt", job.text + "\n")
-        partial = out_dir / f".{job.cut_id}.wav.partial"
-        sf.write(partial, render_asr(job), USER_SAMPLE_RATE, format="WAV")
-        partial.replace(out_dir / f"{job.cut_id}.wav")
+        wav = io.BytesIO()
+        sf.write(wav, render_asr(job), USER_SAMPLE_RATE, format="WAV")
+        atomic.write_bytes(out_dir / f"{job.cut_id}.wav", wav.getvalue())
 
 
 def tokenizer_corpus(seed: int, num_sentences: int = 4000, num_pairs: int = 2000) -> list[str]:

@@ -25,7 +25,6 @@ import itertools
 import json
 import math
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from orchestrator.demo import grammar
+from orchestrator.storage import atomic
 
 SAMPLE_RATE = 16000
 
@@ -150,15 +150,12 @@ def train_lm(out: Path, work: Path, seed: int, recipe: LMRecipe) -> dict[str, An
             history.append({"step": step + 1, "val_ppl": round(heldout_perplexity(model, tokenizer, held_out), 3)})
             _log(f"LLM step {step + 1}/{recipe.steps}: loss {loss.item():.3f}, held-out perplexity "
                  f"{history[-1]['val_ppl']} ({time.perf_counter() - started:.0f} s)")  # fmt: skip
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, safe_serialization=True)
-    tokenizer.save_pretrained(partial)
     record = {"recipe": recipe.__dict__, "history": history, "train_seconds": round(time.perf_counter() - started)}
-    (partial / "pretraining.json").write_text(json.dumps(record, indent=1))
-    if out.exists():  # only with --overwrite (make_demo_parts checks); replaced once the new one is complete
-        shutil.rmtree(out)
-    partial.replace(out)
+    # An existing `out` (only with --overwrite: make_demo_parts checks) is replaced once the new one is complete.
+    with atomic.atomic_dir(out, merge_into_existing=True, replace=lambda name: True) as partial:
+        model.save_pretrained(partial, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+        (partial / "pretraining.json").write_text(json.dumps(record, indent=1))
     return record
 
 
@@ -396,6 +393,6 @@ def make_demo_parts(
         "llm": lm_record,
         "encoder": encoder_record,
     }
-    (out / "MADE_BY.json").write_text(json.dumps(summary, indent=1))
+    atomic.write_text(out / "MADE_BY.json", json.dumps(summary, indent=1))
     _log(f"done in {summary['minutes']} min: {llm_dir}, {asr_path}")
     return summary
