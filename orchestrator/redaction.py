@@ -51,11 +51,18 @@ def _env_secrets(env: Mapping[str, str]) -> list[str]:
     return sorted(values, key=len, reverse=True)  # longest first: a secret containing another is masked whole
 
 
+def _current_environ() -> dict[str, str]:
+    """A copy of `os.environ` that tolerates another thread unsetting a variable meanwhile (MLflow's telemetry
+    thread does: iterating `os.environ` itself then raises KeyError for the vanished name)."""
+    values = ((key, os.environ.get(key)) for key in list(os.environ))
+    return {key: value for key, value in values if value is not None}
+
+
 def redact(text: str, env: Mapping[str, str] | None = None) -> str:
     """`text` with every credential it contains replaced by `***` (see the module docstring)."""
     if not text:
         return text
-    for secret in _env_secrets(os.environ if env is None else env):
+    for secret in _env_secrets(_current_environ() if env is None else env):
         text = text.replace(secret, REDACTED)
     text = _URL_USERINFO.sub(_userinfo, text)
     text = _QUERY_SECRET.sub(lambda m: m["name"] + REDACTED, text)

@@ -12,8 +12,10 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -253,6 +255,29 @@ def test_4_env_derived_keys_are_masked_and_a_masked_uri_is_asked_for_again(monke
         tracking_uri_for(saved, "/tmp/run")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", URI)
     assert tracking_uri_for(saved, "/tmp/run") == URI
+
+
+def test_4_redaction_survives_a_variable_unset_by_another_thread_while_it_reads_the_environment(monkeypatch):
+    """MLflow's telemetry thread unsets `_MLFLOW_TELEMETRY_SESSION_ID` while a run logs its params; a sweep trial
+    once failed with KeyError from iterating os.environ at that moment."""
+    import orchestrator.redaction as redaction
+
+    class VanishingEnviron(Mapping):
+        """Lists a name that is gone by the time it is read, as os._Environ does when another thread unsets it."""
+
+        values: ClassVar = {"MY_API_TOKEN": "s3cr3t-value-123"}
+
+        def __iter__(self):
+            yield from [*self.values, "_GONE_TOKEN"]
+
+        def __getitem__(self, key):
+            return self.values[key]
+
+        def __len__(self):
+            return len(self.values) + 1
+
+    monkeypatch.setattr(redaction, "os", SimpleNamespace(environ=VanishingEnviron()))
+    assert redaction.redact("key s3cr3t-value-123 in a param") == f"key {redaction.REDACTED} in a param"
 
 
 # ---------------------------------------------------------------------- 5. demo --out over a user's dir
