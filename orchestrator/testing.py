@@ -42,10 +42,13 @@ def tiny_training_overrides(demo_dir: str | Path, run_dir: str | Path, max_steps
 
 
 def tiny_duplex_overrides(demo_dir: str | Path, run_dir: str | Path, max_steps: int = 4) -> list[str]:
-    """Overrides that shrink configs/demo/s2s_duplex*.yaml to a seconds-long run on `tiny_demo` assets."""
+    """Overrides that shrink configs/demo/s2s_duplex*.yaml to a seconds-long run on `tiny_demo` assets: a tiny
+    encoder from random weights (not the shipped pretrained one) that trains, the codec frozen."""
     return [
         f"model.pretrained_llm={demo_dir}/llm",
         f"model.pretrained_audio_codec={demo_dir}/codec",
+        "model.pretrained_asr=null",
+        r"model.freeze_params=['^audio_codec\..+$']",
         "model.perception.encoder.n_layers=1",
         "model.perception.encoder.d_model=32",
         "model.perception.encoder.n_heads=2",
