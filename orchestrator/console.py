@@ -65,6 +65,8 @@ _WARNING = re.compile(r"^(?P<path>\S+\.py):\d+: \w*(?:Deprecation|Future|Pending
 # Ray's placement-group monitor thread fails to find its cluster when several local Ray instances run.
 _MONITOR_TRACEBACK = "Exception in thread PlacementGroupCleanerMonitor:"
 _TRACEBACK_LINES = ("Traceback (most recent call last):", "During handling of", "The above exception")
+# Python 3.11+ marks the failing expression with ^ (and ~); Ray's log printer can deliver a run of them unindented.
+_CARETS = re.compile(r"^[\s^~]+$")
 # Printed by every rank as it builds the model; rank 0's copy is enough.
 _PER_RANK = re.compile(r"^\w+: [\d,]+ trainable of [\d,]+ parameters")
 
@@ -140,7 +142,7 @@ class WorkerLogFilter:
 
     def keep(self, pid: Any, line: str) -> bool:
         if pid in self._in_traceback:
-            if not line.strip() or line.startswith((" ", "\t", *_TRACEBACK_LINES)):
+            if not line.strip() or line.startswith((" ", "\t", *_TRACEBACK_LINES)) or _CARETS.match(line):
                 return False
             self._in_traceback.discard(pid)  # the exception's own line ends the traceback
             return False

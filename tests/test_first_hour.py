@@ -261,6 +261,29 @@ def test_ray_noise_is_filtered_and_everything_else_kept():
     ]
 
 
+def test_the_placement_group_monitor_traceback_is_dropped_whole_even_with_unindented_caret_lines():
+    """As a `speechlm train` printed it while another Ray instance ran on the machine (the test session's)."""
+    printed: list[str] = []
+    log_filter = WorkerLogFilter(lambda data: printed.extend(data["lines"]))
+    traceback = [
+        "Exception in thread PlacementGroupCleanerMonitor:",
+        "Traceback (most recent call last):",
+        '  File "/venv/ray/train/v2/_internal/execution/controller/placement_group_cleaner.py", line 80, in _monitor',
+        "    alive = is_actor_alive(",
+        "            ^^^^^^^^^^^^^^^",
+        '  File "/venv/ray/dashboard/utils.py", line 745, in get_address_for_submission_client',
+        "    address = ray_address_to_api_server_url(address)",
+        "              ^^^^^^^^^^^^^^^^^^^^^^",
+        "^^^^^^^^^^^^^^^^^^^^",  # a continuation of the marker line above, at column 0
+        '  File "/venv/ray/_private/services.py", line 759, in canonicalize_bootstrap_address_or_die',
+        "    raise ConnectionError(",
+        "ConnectionError: Found multiple active Ray instances: {'192.0.2.2:44127', '192.0.2.2:39253'}.",
+    ]
+    log_filter({"pid": 7, "lines": traceback[:9]})  # the printer's batches can split a traceback anywhere
+    log_filter({"pid": 7, "lines": [*traceback[9:], "step 10/10 (100%) | loss 34.943"]})
+    assert printed == ["step 10/10 (100%) | loss 34.943"]
+
+
 def test_verbose_brings_everything_back(capsys, monkeypatch, demo_overrides):
     from orchestrator import console
 
