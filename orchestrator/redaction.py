@@ -76,6 +76,8 @@ def is_secret_key(name: str) -> bool:
 
 def redact_data(value: Any, env: Mapping[str, str] | None = None) -> Any:
     """A copy of plain data (dicts, lists, scalars) with secret-named keys masked and every string `redact`ed."""
+    if env is None:  # one read of the environment for the whole structure, not one per string
+        env = _current_environ()
     if isinstance(value, Mapping):
         return {
             k: (REDACTED if is_secret_key(str(k)) and v not in (None, "") else redact_data(v, env))
