@@ -156,6 +156,25 @@ def test_s2s_shar_has_user_and_agent_channels(demo_dir: Path):
         assert np.abs(agent_audio[0, : int((agent.start - 0.01) * AGENT_SAMPLE_RATE)]).max() == 0
 
 
+def test_agent_turn_opens_before_the_codec_hears_its_voice(demo_dir: Path):
+    """Teacher forcing feeds the model the codes of the frame before; were those codes to stir before the turn's BOS
+    frame (the codec's encoder looks ahead), the model would learn to start answering on a cue it never gets when
+    it generates. So every code before the BOS frame is the codec's silence."""
+    import torch
+    from lhotse import CutSet
+
+    from speech_models.codec import AudioCodec
+    from speech_models.duplex_data import frame_of
+
+    codec = AudioCodec.from_pretrained(str(demo_dir / "codec"), frame_length=0.08)
+    for cut in CutSet.from_shar(in_dir=demo_dir / "s2s" / "val"):
+        agent_audio = torch.from_numpy(cut.load_target_audio())
+        codes, _ = codec.encode(agent_audio, torch.tensor([agent_audio.shape[1]]), AGENT_SAMPLE_RATE)
+        bos_at = frame_of(cut.supervisions[1].start, 0.08)
+        assert (codes[0, :bos_at] == codec.silence_codes()).all(), cut.id
+        assert (codes[0, bos_at:] != codec.silence_codes()).any(), cut.id  # the voice does come
+
+
 def test_demo_splits_do_not_share_sentences(demo_dir: Path):
     from lhotse import CutSet
 
@@ -200,6 +219,14 @@ def test_demo_rerun_skips_existing_and_rejects_other_params(demo_dir: Path):
     assert {p: p.stat().st_mtime_ns for p in demo_dir.rglob("*.tar")} == before
     with pytest.raises(FileExistsError, match="remove the directory or choose another --out"):
         make_demo_assets(demo_dir, num_workers=1, **{**SMALL, "seed": 4})
+
+
+def test_demo_refuses_assets_of_an_earlier_layout(tmp_path: Path):
+    """Same parameters, older data layout: refused with the fix named, so old conversations are not mixed in."""
+    (tmp_path / ".demo_params.json").write_text(json.dumps({"seed": 3}))  # no "layout": written before it existed
+    with pytest.raises(FileExistsError, match=r"layout 1 .*make clean-demo"):
+        make_demo_assets(tmp_path, num_workers=1, **SMALL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".demo_params.json"]  # nothing made, nothing removed
 
 
 def test_demo_redoes_an_interrupted_split(tmp_path: Path):

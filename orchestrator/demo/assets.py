@@ -43,6 +43,12 @@ FIELD_SAMPLE_RATES = {"recording": USER_SAMPLE_RATE, "target_audio": AGENT_SAMPL
 # 1/50 s, so both 16 kHz and 22.05 kHz channels get an integer number of samples.
 S2S_FRAME_SECONDS = 0.08
 S2S_TAIL_SECONDS = 0.24
+# The agent's turn opens this long before its voice. The demo codec's encoder looks 4 frames (0.32 s) ahead, so the
+# codes of the last silent frames before a voice already change; were the turn (its BOS frame) to start at the voice,
+# teacher forcing would let the model learn "answer when the fed-back codes stir", a cue it never gets when it
+# generates (its own codes stay silent until it decides to speak), and it would never start its answer. With the
+# turn opening first, only the user's audio says when to answer, at training and at inference alike.
+AGENT_LEAD_IN_SECONDS = 0.4
 # The agent speaks with one fixed voice, as a deployed assistant would; users vary.
 AGENT_STYLE = synth.VoiceStyle(voice="en-us+f3", rate=165, pitch=50, word_gap=0)
 HELDOUT_FRACTION = 0.05
@@ -50,6 +56,9 @@ HELDOUT_FRACTION = 0.05
 NEW_VOICE_SPLIT, NEW_VOICE_CUTS = "test_new_voice", 40
 NEW_VOICE_WAVS, NEW_VOICE_WAV_COUNT = "new_voice_wav", 3
 _PARAMS_FILE = ".demo_params.json"
+# Bumped when the same parameters would make different data, so that older assets are refused, not mixed in.
+# 2: the agent's turn opens AGENT_LEAD_IN_SECONDS before its voice (1: at its voice).
+LAYOUT_VERSION = 2
 
 
 @dataclass
@@ -179,13 +188,14 @@ def _agent_speech(answer: str) -> np.ndarray:
 
 
 def render_s2s(job: S2sJob) -> Conversation:
-    """User asks, a short gap, the agent answers; two channels of the same length."""
+    """User asks, a short gap, the agent's turn opens and its voice follows AGENT_LEAD_IN_SECONDS later; two channels
+    of the same length."""
     user = _to_16k(synth.synthesize(job.question, job.user_style))
     agent = _agent_speech(job.answer)
     user_seconds = len(user) / USER_SAMPLE_RATE
-    agent_offset = round((user_seconds + job.gap_s) * AGENT_SAMPLE_RATE)
-    agent_start = agent_offset / AGENT_SAMPLE_RATE
-    agent_seconds = len(agent) / AGENT_SAMPLE_RATE
+    agent_start = round((user_seconds + job.gap_s) * AGENT_SAMPLE_RATE) / AGENT_SAMPLE_RATE
+    agent_offset = round((agent_start + AGENT_LEAD_IN_SECONDS) * AGENT_SAMPLE_RATE)  # the voice's first sample
+    agent_seconds = AGENT_LEAD_IN_SECONDS + len(agent) / AGENT_SAMPLE_RATE
     frames = math.ceil((agent_start + agent_seconds + S2S_TAIL_SECONDS) / S2S_FRAME_SECONDS)
     duration = round(frames * S2S_FRAME_SECONDS, 6)
     user_track = np.zeros(round(duration * USER_SAMPLE_RATE), dtype=np.float32)
@@ -405,10 +415,17 @@ def make_demo_assets(
         "llm_size": llm_size,
         "min_heldout_cuts": min_heldout_cuts,
         "shard_size": shard_size,
+        "layout": LAYOUT_VERSION,
     }
     params_file = out / _PARAMS_FILE
     if params_file.exists():
         previous = json.loads(params_file.read_text())
+        if previous.get("layout", 1) != LAYOUT_VERSION:
+            raise FileExistsError(
+                f"{out} holds demo assets in layout {previous.get('layout', 1)} of an earlier version of this "
+                f"command (now {LAYOUT_VERSION}); remove the directory (`make clean-demo` for data/demo) or choose "
+                "another --out"
+            )
         if previous != params:
             raise FileExistsError(
                 f"{out} holds demo assets made with {previous}, not {params}; "
