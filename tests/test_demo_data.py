@@ -224,7 +224,7 @@ def test_demo_rerun_skips_existing_and_rejects_other_params(demo_dir: Path):
 def test_demo_refuses_assets_of_an_earlier_layout(tmp_path: Path):
     """Same parameters, older data layout: refused with the fix named, so old conversations are not mixed in."""
     (tmp_path / ".demo_params.json").write_text(json.dumps({"seed": 3}))  # no "layout": written before it existed
-    with pytest.raises(FileExistsError, match=r"layout 1 .*make clean-demo"):
+    with pytest.raises(FileExistsError, match=r"layout 1 .*rm -r "):
         make_demo_assets(tmp_path, num_workers=1, **SMALL)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".demo_params.json"]  # nothing made, nothing removed
 

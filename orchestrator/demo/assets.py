@@ -423,8 +423,8 @@ def make_demo_assets(
         if previous.get("layout", 1) != LAYOUT_VERSION:
             raise FileExistsError(
                 f"{out} holds demo assets in layout {previous.get('layout', 1)} of an earlier version of this "
-                f"command (now {LAYOUT_VERSION}); remove the directory (`make clean-demo` for data/demo) or choose "
-                "another --out"
+                f"command (now {LAYOUT_VERSION}); remake them: `rm -r {out}` (your runs under experiments/ stay) or "
+                "choose another --out"
             )
         if previous != params:
             raise FileExistsError(
