@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from orchestrator.demo import grammar, synth
-from orchestrator.demo.assets import AGENT_SAMPLE_RATE, USER_SAMPLE_RATE, make_demo_assets
+from orchestrator.demo.assets import AGENT_SAMPLE_RATE, S2S_FRAME_SECONDS, USER_SAMPLE_RATE, make_demo_assets
 from orchestrator.storage.atomic import marker_for
 from speech_models.testing import DEFAULT_TINY_CORPUS, build_tiny_llm_dir
 
@@ -166,11 +166,11 @@ def test_agent_turn_opens_before_the_codec_hears_its_voice(demo_dir: Path):
     from speech_models.codec import AudioCodec
     from speech_models.duplex_data import frame_of
 
-    codec = AudioCodec.from_pretrained(str(demo_dir / "codec"), frame_length=0.08)
+    codec = AudioCodec.from_pretrained(str(demo_dir / "codec"), frame_length=S2S_FRAME_SECONDS)
     for cut in CutSet.from_shar(in_dir=demo_dir / "s2s" / "val"):
         agent_audio = torch.from_numpy(cut.load_target_audio())
         codes, _ = codec.encode(agent_audio, torch.tensor([agent_audio.shape[1]]), AGENT_SAMPLE_RATE)
-        bos_at = frame_of(cut.supervisions[1].start, 0.08)
+        bos_at = frame_of(cut.supervisions[1].start, S2S_FRAME_SECONDS)
         assert (codes[0, :bos_at] == codec.silence_codes()).all(), cut.id
         assert (codes[0, bos_at:] != codec.silence_codes()).any(), cut.id  # the voice does come
 

@@ -420,9 +420,10 @@ def make_demo_assets(
     params_file = out / _PARAMS_FILE
     if params_file.exists():
         previous = json.loads(params_file.read_text())
-        if previous.get("layout", 1) != LAYOUT_VERSION:
+        previous_layout = previous.get("layout", 1)  # files written before the version existed hold layout 1
+        if previous_layout != LAYOUT_VERSION:
             raise FileExistsError(
-                f"{out} holds demo assets in layout {previous.get('layout', 1)} of an earlier version of this "
+                f"{out} holds demo assets in layout {previous_layout} of an earlier version of this "
                 f"command (now {LAYOUT_VERSION}); remake them: `rm -r {out}` (your runs under experiments/ stay) or "
                 "choose another --out"
             )
