@@ -42,7 +42,7 @@ from speech_models.audio import AudioInput, as_waveforms
 from speech_models.codec import AudioCodec
 from speech_models.config import AudioFrames, ModelConfig
 from speech_models.duplex_data import DuplexS2SCollator, text_channel_to_str, text_special_ids
-from speech_models.freezing import setup_trainable_params
+from speech_models.freezing import keep_frozen_parts_in_eval, setup_trainable_params
 from speech_models.perception import build_perception
 from speech_models.salm import load_llm
 
@@ -147,6 +147,16 @@ class DuplexS2SModel(nn.Module):
             from speech_models.pretrained import init_from_checkpoint
 
             init_from_checkpoint(self, cfg.init_from_checkpoint)
+
+    def train(self, mode: bool = True) -> DuplexS2SModel:
+        """Training mode, except for wholly frozen parts (as NeMo's training step; see keep_frozen_parts_in_eval)."""
+        super().train(mode)
+        if mode:
+            keep_frozen_parts_in_eval(*self._parts_kept_in_eval_when_frozen())
+        return self
+
+    def _parts_kept_in_eval_when_frozen(self) -> list[nn.Module]:
+        return [self.perception.preprocessor, self.perception.encoder, self.llm]
 
     @classmethod
     def from_pretrained(

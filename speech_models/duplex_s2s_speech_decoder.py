@@ -254,6 +254,9 @@ class DuplexS2SSpeechDecoderModel(DuplexS2SModel):
             self.cfg.speech_decoder, hidden, self.num_codebooks, self.speech_vocab_size
         )
 
+    def _parts_kept_in_eval_when_frozen(self) -> list[nn.Module]:
+        return [*super()._parts_kept_in_eval_when_frozen(), self.speech_generation]
+
     def _frame_inputs(self, source: torch.Tensor, text: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(text)  # (B, T, H): the LLM sees no audio codes
         return x + source.to(x.dtype) * self.cfg.duplex_user_channel_weight

@@ -132,3 +132,17 @@ def setup_trainable_params(model: nn.Module, cfg) -> TrainableSummary:
     summary = apply_freeze_params(model, cfg.freeze_params, cfg.prevent_freeze_params)
     logger.info("%s: %s", type(model).__name__, summary)
     return summary
+
+
+def keep_frozen_parts_in_eval(*parts: nn.Module) -> None:
+    """Put every part whose parameters are all frozen (or that has none) in eval mode.
+
+    NeMo's speechlm2 training step does this for the preprocessor, the encoder and the LLM (and a duplex speech
+    decoder) before each batch: a frozen pretrained encoder then runs as it was trained to be used, without
+    dropout and with its own batch-norm statistics, instead of having them overwritten by the new task's
+    batches (freezing parameters does not stop batch-norm buffers from updating). Called from the models'
+    `train()`, so whoever switches a model to training gets it.
+    """
+    for part in parts:
+        if all(not p.requires_grad for p in part.parameters()):
+            part.eval()

@@ -43,6 +43,7 @@ from torch import nn
 
 from speech_models.audio import AudioInput, as_waveforms
 from speech_models.config import ModelConfig, PromptDefaults
+from speech_models.freezing import keep_frozen_parts_in_eval
 from speech_models.prompts import check_prompt_format, encode_dialog, stop_token_ids
 
 logger = logging.getLogger(__name__)
@@ -373,6 +374,13 @@ class SALM(nn.Module):
             from speech_models.pretrained import init_from_checkpoint
 
             init_from_checkpoint(self, cfg.init_from_checkpoint)
+
+    def train(self, mode: bool = True) -> SALM:
+        """Training mode, except for wholly frozen parts (as NeMo's training step; see keep_frozen_parts_in_eval)."""
+        super().train(mode)
+        if mode:
+            keep_frozen_parts_in_eval(self.perception.preprocessor, self.perception.encoder, self.llm)
+        return self
 
     @classmethod
     def from_pretrained(cls, directory: str, device: str = "cpu", pretrained_llm: str | None = None) -> SALM:

@@ -241,3 +241,16 @@ def test_lora_and_freeze_params_apply(assets, batch):
     model(batch)["loss"].backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if ".lora_B." in n)
     assert model.offline_inference(batch["source_audio"], batch["source_audio_lens"])["audio"].shape[0] == 2
+
+
+@pytest.mark.parametrize("model_type", list(MODELS))
+def test_frozen_parts_run_in_eval_mode_while_training(assets, model_type):
+    """NeMo's training step keeps the wholly frozen preprocessor, encoder, LLM (and speech decoder) in eval mode."""
+    frozen = [r"^perception\.encoder\..+$", r"^llm\..+$", r"^speech_generation\..+$"]
+    model = make_model(assets, model_type, freeze_params=frozen).train()
+    assert not model.perception.encoder.training and not model.llm.training and not model.audio_codec.training
+    assert model.lm_head.training and model.perception.proj.training
+    if model_type == "duplex_s2s_speech_decoder":
+        assert not model.speech_generation.training
+        assert make_model(assets, model_type).train().speech_generation.training
+    assert make_model(assets, model_type).train().llm.training

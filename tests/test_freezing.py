@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 
 from speech_models.config import LoraConfig
 from speech_models.freezing import canonical_param_name, count_params
@@ -113,3 +114,44 @@ def test_lora_trains_adapters_and_keeps_pattern_meaning(llm_dir, caplog):
     assert lora_grads and all(g is not None for g in lora_grads)
     ids, _ = model.eval().generate(batch["prompt_ids"], batch["audios"], batch["audio_lens"], max_new_tokens=3)
     assert ids.shape == (1, 3) or ids.shape[1] < 3
+
+
+def _batch_norm_means(module) -> list:
+    return [m.running_mean.clone() for m in module.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+
+
+def test_frozen_parts_run_in_eval_mode_while_training(llm_dir):
+    """As NeMo's training step: a wholly frozen encoder (or LLM) trains nothing, so it runs as it was trained to be
+    used, without dropout and with its own batch-norm statistics, which freezing alone would let the new task's
+    batches overwrite. Parts that train stay in training mode."""
+    import numpy as np
+
+    from orchestrator.config.schema import DataConfig, DatasetConfig
+    from speech_models.salm import SALMCollator
+
+    examples = [
+        {"id": "a", "duration": 0.5, "audio": np.random.default_rng(0).normal(size=8000).astype(np.float32),
+         "text": "three birds", "supervisions": []}
+    ]  # fmt: skip
+    frozen = SALM(tiny_salm_config(llm_dir, freeze_params=[r"^perception\.encoder\..+$"]))
+    trained = SALM(tiny_salm_config(llm_dir))
+    batch = SALMCollator(frozen.cfg, DataConfig(), DatasetConfig())(examples)
+    for model in (frozen, trained):
+        model.eval().train()  # the training loop calls train() before every step
+    assert not frozen.perception.encoder.training and not frozen.perception.preprocessor.training
+    assert frozen.perception.proj.training and frozen.llm.training and frozen.training
+    assert trained.perception.encoder.training
+
+    before = {"frozen": _batch_norm_means(frozen.perception.encoder), "trained": _batch_norm_means(trained.perception)}
+    assert before["frozen"]  # the tiny encoder has batch norms, so the test can tell
+    frozen(batch)["loss"].backward()
+    trained(batch)["loss"].backward()
+    after = {"frozen": _batch_norm_means(frozen.perception.encoder), "trained": _batch_norm_means(trained.perception)}
+    assert all(torch.equal(a, b) for a, b in zip(before["frozen"], after["frozen"], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(before["trained"], after["trained"], strict=True))
+
+    # A frozen LLM is kept in eval mode too; one with LoRA weights in it trains.
+    frozen_llm = SALM(tiny_salm_config(llm_dir, freeze_params=[r"^llm\..+$"])).train()
+    assert not frozen_llm.llm.training and frozen_llm.perception.encoder.training
+    lora = SALM(tiny_salm_config(llm_dir, lora=LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0))).train()
+    assert lora.llm.training
