@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format bench clean-demo
+.PHONY: demo demo-duplex test test-fast lint format bench clean-demo
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ demo: $(STAMP)
 	$(PY) -m orchestrator infer experiments/demo_salm $(NEW_VOICE_WAV)
 	@echo "next: source $(VENV)/bin/activate   # puts speechlm and mlflow on PATH for the commands in README.md"
 
+# The duplex demo (README, "The demo"): 8 h of conversations, their codec codes cached once, then about 11 minutes
+# of training. With the demo SALM from `make demo` present, it also scores the generated speech (ASR-BLEU).
+demo-duplex: $(STAMP)
+	$(PY) -m orchestrator data demo --out data/demo_duplex --hours 0.1 --s2s-hours 8
+	$(PY) -m orchestrator data add-codes data/demo_duplex/s2s --codec data/demo_duplex/codec
+	$(PY) -m orchestrator train configs/demo/s2s_duplex.yaml \
+		$(if $(wildcard experiments/demo_salm),model.scoring_asr=experiments/demo_salm)
+
 test: $(STAMP)
 	$(PY) -m pytest
 
@@ -44,4 +52,4 @@ bench: $(STAMP)
 	for script in bench/*.py; do $(PY) $$script || exit 1; done
 
 clean-demo:
-	rm -rf data/demo experiments/demo_*
+	rm -rf data/demo data/demo_duplex experiments/demo_*

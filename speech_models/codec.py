@@ -16,6 +16,8 @@ The codec is frozen, kept in eval mode and in fp32 whatever dtype the surroundin
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from fractions import Fraction
 from typing import Any
@@ -56,6 +58,10 @@ def _fill_missing_from_self(module: nn.Module, state_dict: dict, prefix: str, *a
 # ----------------------------------------------------------------------------------------------
 # The codec wrapper
 # ----------------------------------------------------------------------------------------------
+
+
+# Config keys that say where a codec was loaded from or which library saved it, not what it computes.
+_NOT_THE_CODEC = {"_name_or_path", "transformers_version", "dtype", "torch_dtype"}
 
 
 class AudioCodec(nn.Module):
@@ -129,6 +135,7 @@ class AudioCodec(nn.Module):
 
         self.model.float().eval().requires_grad_(False)
         self._silence: dict[torch.device, torch.Tensor] = {}
+        self._fingerprint: str | None = None
         # Checkpoints leave the codec out: its weights always come from model.pretrained_audio_codec.
         self.register_state_dict_post_hook(_drop_from_state_dict)
         self.register_load_state_dict_pre_hook(_fill_missing_from_self)
@@ -171,6 +178,22 @@ class AudioCodec(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of what decides the codes on the model's frame grid: the codec's weights and config, the model
+        frame length and the quantizers used. Codes cached with the data (`speechlm data add-codes`) carry it, so a
+        model never trains on codes that another codec made."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            digest.update(f"{self.kind}|{self.frame_length!r}|{self.num_quantizers}|".encode())
+            config = {k: v for k, v in self.model.config.to_dict().items() if k not in _NOT_THE_CODEC}
+            digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+            for name, tensor in sorted(self.model.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     # -- encode / decode ------------------------------------------------------------------------
 

@@ -121,10 +121,25 @@ def text_channel_to_str(ids: Sequence[int], tokenizer: Any, bos_id: int, eos_id:
 
 
 def _pad_stack(arrays: Sequence[np.ndarray], value: float | int, dtype: Any) -> np.ndarray:
-    out = np.full((len(arrays), max((len(a) for a in arrays), default=0)), value, dtype=dtype)
+    """(B, T_max, ...) from arrays of shape (T_i, ...), padded with `value` along the first axis."""
+    tail = arrays[0].shape[1:] if len(arrays) else ()
+    out = np.full((len(arrays), max((len(a) for a in arrays), default=0), *tail), value, dtype=dtype)
     for row, a in zip(out, arrays, strict=True):
         row[: len(a)] = a
     return out
+
+
+def _cached_codes_in(examples: Sequence[dict[str, Any]]) -> bool:
+    """Whether the batch's agent channel comes as cached codes (every example) or as audio (every example)."""
+    with_codes = ["target_codes" in ex for ex in examples]
+    if any(with_codes) and not all(with_codes):
+        plain = next(ex["id"] for ex, has in zip(examples, with_codes, strict=True) if not has)
+        cached = next(ex["id"] for ex, has in zip(examples, with_codes, strict=True) if has)
+        raise ValueError(
+            f"cut {cached} comes with cached target_codes but cut {plain} with target_audio only, in one batch: "
+            "cache codes for every S2S input of the dataset (`speechlm data add-codes DIR --codec CODEC`) or for none"
+        )
+    return bool(examples) and all(with_codes)
 
 
 class DuplexS2SCollator:
@@ -134,7 +149,9 @@ class DuplexS2SCollator:
     "target_audio" (float32 agent channel at data.target_sample_rate), "supervisions": [{"speaker", "start",
     "duration", "text"}], "text"}. Output keys: `source_audio` (B, T) float32, `source_audio_lens` (B,),
     `target_audio` (B, T2) float32, `target_audio_lens` (B,), `target_tokens` (B, n_frames) int64 text channel,
-    `frame_lens` (B,) int64, `references` (agent texts, turns joined by a space) and `cut_ids`.
+    `frame_lens` (B,) int64, `references` (agent texts, turns joined by a space) and `cut_ids`. Examples with codes
+    cached by `speechlm data add-codes` ("target_codes" (frames, K), "target_codes_fingerprint") give
+    `target_codes` (B, frames, K) int64 and `target_codes_fingerprints` in place of the two target_audio keys.
     The tokenizer is loaded from `model_cfg.tokenizer_source` on first use, so the collator pickles small.
     """
 
@@ -178,12 +195,17 @@ class DuplexS2SCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         tok = self.tokenizer
         bos, eos, pad = text_special_ids(tok)
+        with_codes = _cached_codes_in(examples)
         sources, targets, channels, references, cut_ids = [], [], [], [], []
         for ex in examples:
             src = np.asarray(ex["audio"], dtype=np.float32).reshape(-1)
-            tgt = np.asarray(ex["target_audio"], dtype=np.float32).reshape(-1)
             n = num_frames(len(src), self.source_sample_rate, self.frame_length)
-            n_tgt = num_frames(len(tgt), self.target_sample_rate, self.frame_length)
+            if with_codes:
+                tgt = np.asarray(ex["target_codes"], dtype=np.int64)  # (frames, K) on the model's frame grid
+                n_tgt = len(tgt)
+            else:
+                tgt = np.asarray(ex["target_audio"], dtype=np.float32).reshape(-1)
+                n_tgt = num_frames(len(tgt), self.target_sample_rate, self.frame_length)
             if abs(n - n_tgt) > 1:
                 logger.warning(
                     "cut %s: user audio spans %d frames but agent audio %d (at %d / %d Hz); the model cuts or "
@@ -213,13 +235,18 @@ class DuplexS2SCollator:
             channels.append(channel)
             references.append(" ".join(t for t in texts if t))
             cut_ids.append(str(ex["id"]))
-        return {
+        batch = {
             "source_audio": _pad_stack(sources, 0.0, np.float32),
             "source_audio_lens": np.array([len(a) for a in sources], dtype=np.int64),
-            "target_audio": _pad_stack(targets, 0.0, np.float32),
-            "target_audio_lens": np.array([len(a) for a in targets], dtype=np.int64),
             "target_tokens": _pad_stack(channels, pad, np.int64),
             "frame_lens": np.array([len(c) for c in channels], dtype=np.int64),
             "references": references,
             "cut_ids": cut_ids,
         }
+        if with_codes:  # frames past a cut's own are masked out of the loss, so their value does not matter
+            batch["target_codes"] = _pad_stack(targets, 0, np.int64)
+            batch["target_codes_fingerprints"] = [ex.get("target_codes_fingerprint") for ex in examples]
+        else:
+            batch["target_audio"] = _pad_stack(targets, 0.0, np.float32)
+            batch["target_audio_lens"] = np.array([len(a) for a in targets], dtype=np.int64)
+        return batch

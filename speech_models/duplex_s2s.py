@@ -267,8 +267,11 @@ class DuplexS2SModel(nn.Module):
 
     def _target_codes(self, batch: dict[str, Any], max_frames: int) -> torch.Tensor:
         """Agent codes (B, T_codec, K), T_codec <= max_frames: the codec's encoding of `target_audio`, or the
-        batch's own `target_codes` (B, T_codec, K) when given (codes made elsewhere, e.g. by NeMo's codec)."""
+        batch's own `target_codes` (B, T_codec, K) when given: cached with the data by `speechlm data add-codes`
+        (checked against this model's codec by `target_codes_fingerprints`), or made elsewhere (e.g. by NeMo's
+        codec in the parity tests)."""
         if "target_codes" in batch:
+            self._check_cached_codes(batch)
             return _as_tensor(batch["target_codes"], self.device, torch.long)[:, :max_frames]
         lens = _as_tensor(batch["target_audio_lens"], self.device, torch.long)
         n = min(max_frames, self.audio_codec.n_frames_for(int(lens.max()), self.target_sample_rate))
@@ -276,6 +279,26 @@ class DuplexS2SModel(nn.Module):
             _as_tensor(batch["target_audio"], self.device, torch.float32), lens, self.target_sample_rate, n_frames=n
         )
         return codes  # (B, n, K)
+
+    def _check_cached_codes(self, batch: dict[str, Any]) -> None:
+        """Refuse cached codes that another codec made, or with another number of codebooks."""
+        codes_shape = tuple(np.shape(batch["target_codes"]))
+        if len(codes_shape) != 3 or codes_shape[-1] != self.num_codebooks:
+            raise ValueError(
+                f"target_codes of shape {codes_shape} do not have this model's {self.num_codebooks} codebooks "
+                "(batch, frames, codebooks); re-cache them with model.pretrained_audio_codec and data.frame_length"
+            )
+        ids = batch.get("cut_ids") or ["?"] * codes_shape[0]
+        mine = self.audio_codec.fingerprint
+        for cut_id, theirs in zip(ids, batch.get("target_codes_fingerprints") or (), strict=False):
+            if theirs != mine:
+                raise ValueError(
+                    f"cut {cut_id}: its cached target_codes were made by another codec (fingerprint "
+                    f"{str(theirs)[:12]}) than model.pretrained_audio_codec={self.cfg.pretrained_audio_codec!r} with "
+                    f"data.frame_length={self.audio_codec.frame_length:g} (fingerprint {mine[:12]}); re-cache them: "
+                    f"speechlm data add-codes <its Shar directory> --codec {self.cfg.pretrained_audio_codec} "
+                    f"--frame-length {self.audio_codec.frame_length:g} --overwrite"
+                )
 
     def prepare_inputs(self, batch: dict[str, Any]) -> TeacherForcing:
         """Teacher-forced inputs and labels, as NeMo's `prepare_inputs` (see the module docstring)."""

@@ -3,6 +3,7 @@ metrics (text BLEU and ASR-BLEU scored by a SALM checkpoint in a separate actor)
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,37 @@ def test_duplex_model_trains_on_two_workers_and_reports_asr_bleu(
             *(history[f"{parts}{key}"] for key in ("loss", "text_loss", "audio_loss")), strict=True
         ):
             assert total.value == pytest.approx(text.value + audio.value, rel=1e-4)
+
+
+def test_duplex_model_trains_on_cached_codes_and_refuses_another_codecs(
+    ray_session, tiny_demo: Path, tmp_path: Path
+) -> None:
+    """Codes cached by `speechlm data add-codes` flow through the Ray pipeline into the model in place of the agent
+    audio; codes that another codec made stop the run with the fix named."""
+    from orchestrator.data.codes import add_codes
+    from speech_models.testing import build_tiny_codec_dir
+
+    data = tmp_path / "s2s"
+    shutil.copytree(tiny_demo / "s2s", data, ignore=shutil.ignore_patterns("test"))
+    add_codes(str(data), str(tiny_demo / "codec"), workers=1, progress=lambda _: None)
+    overrides = [
+        *tiny_duplex_overrides(tiny_demo, tmp_path / "run", max_steps=2),
+        f"data.train_ds.input_cfg.0.shar_path={data}/train",
+        f"data.validation_ds.datasets.demo_val.shar_path={data}/val",
+        "trainer.devices=1",
+    ]
+    result = run_training(load_experiment(CONFIGS / "s2s_duplex.yaml", overrides).cfg)
+    assert result.ok, result.error
+    client = MlflowClient(f"sqlite:///{tmp_path}/run/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("demo_s2s_duplex").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_audio_loss")] == [1, 2]
+
+    other_codec = build_tiny_codec_dir(tmp_path / "other_codec", seed=1)
+    overrides = [
+        *overrides,
+        f"model.pretrained_audio_codec={other_codec}",
+        f"exp_manager.explicit_log_dir={tmp_path}/run2",
+    ]
+    result = run_training(load_experiment(CONFIGS / "s2s_duplex.yaml", overrides).cfg)
+    assert not result.ok
+    assert "another codec" in str(result.error) and "speechlm data add-codes" in str(result.error)

@@ -1,5 +1,6 @@
-"""`speechlm data demo|shar|inspect|estimate-bins|plan-batches`: build demo assets, convert data to Lhotse Shar,
-check data sets, estimate bucket bins from a config's data, and plan the batch size of every bucket on a device.
+"""`speechlm data demo|shar|add-codes|inspect|estimate-bins|plan-batches`: build demo assets, convert data to Lhotse
+Shar, cache a codec's codes of S2S data, check data sets, estimate bucket bins from a config's data, and plan the
+batch size of every bucket on a device.
 
 Exit codes follow `orchestrator.cli.common`: 0 success, 1 broken data found, 2 bad input.
 Heavy imports (lhotse, transformers) happen inside the commands so `speechlm --help` stays fast.
@@ -91,6 +92,20 @@ def cmd_shar(args: argparse.Namespace) -> int:
         else:
             summary = convert_audio_dir_to_shar(args.wav_dir, args.out, language=args.language, **common)
     except _INPUT_ERRORS as err:
+        return bad_input(err)
+    print(summary.format())
+    return EXIT_OK
+
+
+def cmd_add_codes(args: argparse.Namespace) -> int:
+    from orchestrator.data.codes import add_codes
+    from orchestrator.data.shar import SharLayoutError
+
+    try:
+        summary = add_codes(
+            args.path, args.codec, frame_length=args.frame_length, overwrite=args.overwrite, workers=args.workers
+        )
+    except (*_INPUT_ERRORS, SharLayoutError) as err:
         return bad_input(err)
     print(summary.format())
     return EXIT_OK
@@ -291,6 +306,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shar.add_argument("--format", default="flac", choices=("flac", "wav"), help="audio codec")
     shar.add_argument("--language", default=None, help="language tag of supervisions without one (--wav-dir, --type)")
     shar.set_defaults(func=cmd_shar)
+
+    codes = sub.add_parser(
+        "add-codes",
+        help="cache the audio-codec codes of S2S Shar data (target_audio) so duplex training does not re-encode them",
+        description="Encodes every cut's target_audio with the duplex model's codec once and stores the codes in the "
+        "Shar directory as a target_codes field (target_codes.NNNNNN.tar, lhotse's array format) with "
+        "target_codes.json naming the codec. Training then reads the codes instead of encoding the agent audio on "
+        "every step; a model with another codec refuses them. PATH may hold several Shar directories (e.g. "
+        "data/demo/s2s). Directories already encoded with this codec are skipped; the files are renamed into "
+        "place only when a directory is complete.",
+    )
+    codes.add_argument("path", help="a Shar directory, or a directory holding several (local)")
+    codes.add_argument("--codec", required=True, help="model.pretrained_audio_codec: hub id or local directory")
+    codes.add_argument(
+        "--frame-length", type=positive_float, default=0.08, help="data.frame_length in seconds (default: 0.08)"
+    )
+    codes.add_argument("--workers", type=positive_int, default=2, help="encoding processes (default: 2)")
+    codes.add_argument(
+        "--overwrite", action="store_true", help="replace codes that another codec made (refused by default)"
+    )
+    codes.set_defaults(func=cmd_add_codes)
 
     inspect = sub.add_parser(
         "inspect",

@@ -5,6 +5,9 @@ A plain cut::
 
     {"id", "duration", "audio": float32 array, "text", "supervisions", "tags", "custom"[, "target_audio"]}
 
+S2S cuts with codes cached by `speechlm data add-codes` carry "target_codes" ((T, K) int64) and
+"target_codes_fingerprint" (the codec that made them) in place of "target_audio".
+
 A conversation (or a text-only example, which has no audio turns)::
 
     {"id", "duration", "turns": [{"role", "text"} | {"role", "audio": index into audios}], "audios": [arrays],
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from orchestrator.data.audio import decode_audio
+from orchestrator.data.codes import CODES_FIELD, codes_fingerprint, decode_codes
 from orchestrator.data.records import SharCut
 
 if TYPE_CHECKING:
@@ -117,6 +121,12 @@ def to_example(
     if "recording" not in record.audio and "recording" not in record.files:
         raise ValueError("the cut has no recording data in its shard")
     example["audio"] = _decode(record, "recording", inp.sample_rate, storage_options)
-    if inp.target_sample_rate is not None and ("target_audio" in record.audio or "target_audio" in record.files):
+    if inp.target_sample_rate is None:
+        return example
+    if CODES_FIELD in record.arrays:  # cached codes stand in for the agent audio: no decoding, no encoding
+        entry = record.arrays[CODES_FIELD]
+        example[CODES_FIELD] = decode_codes(entry.data)
+        example["target_codes_fingerprint"] = codes_fingerprint(entry.manifest)
+    elif "target_audio" in record.audio or "target_audio" in record.files:
         example["target_audio"] = _decode(record, "target_audio", inp.target_sample_rate, storage_options)
     return example

@@ -155,7 +155,8 @@ class _TaskState:
         self.finished_epochs: list[int] = []  # segments that ended without a row, not yet on a row
         # Shards read without audio (replaying), their audio once a batch needs it, and their cuts still in buckets.
         self.shard_of: dict[int, Shard] = {}
-        self.audio: dict[int, dict[str, dict[str, TarEntry]]] = {}
+        # item -> cut index -> (audio, arrays) of a replayed shard, read when its first batch needs them
+        self.audio: dict[int, dict[int, tuple[dict[str, TarEntry], dict[str, TarEntry]]]] = {}
         self.waiting: Counter[int] = Counter()
 
     def read_segment(self, segment: _Segment) -> Iterator[pa.Table]:
@@ -218,7 +219,7 @@ class _TaskState:
         for cut in cuts:
             try:
                 if cut.item in self.shard_of and not cut.audio:
-                    cut.audio = self._audio_of(cut)
+                    cut.audio, cut.arrays = self._audio_of(cut)
                 examples.append(to_example(cut, plan.inputs[cut.input_index], plan.storage_options))
             except CorruptShardError:
                 raise
@@ -279,21 +280,22 @@ class _TaskState:
             return False
         return True
 
-    def _audio_of(self, cut: SharCut) -> dict[str, TarEntry]:
-        """The audio of a cut read without it (a replayed shard), read once per shard when a batch needs it."""
+    def _audio_of(self, cut: SharCut) -> tuple[dict[str, TarEntry], dict[str, TarEntry]]:
+        """The audio (and cached codes) of a cut read without them (a replayed shard), read once per shard when
+        a batch needs it."""
         if cut.item not in self.audio:
             try:
                 shard = self.shard_of[cut.item]
                 options = self.plan.inputs[cut.input_index].options
                 cuts = read_records(shard, options, cut.item, self.plan.storage_options)
-                self.audio[cut.item] = {c.index: c.audio for c in cuts}
+                self.audio[cut.item] = {c.index: (c.audio, c.arrays) for c in cuts}
             except CorruptShardError as exc:
                 if not self.plan.skip_corrupt:
                     raise CorruptShardError(f"[{self.plan.name}] {exc}; fix or remove the shard") from exc
                 logger.warning("[%s] corrupt shard, its cuts are skipped: %s", self.plan.name, exc)
                 self.counters["corrupt_shards"] += 1
                 self.audio[cut.item] = {}
-        return self.audio[cut.item].get(cut.index, {})
+        return self.audio[cut.item].get(cut.index, ({}, {}))
 
     def _release_audio(self, cuts: list[SharCut]) -> None:
         for cut in cuts:

@@ -25,7 +25,7 @@ class Shard:
     """One work item of an input: its manifest file and the audio files read with it, as paths or URLs.
 
     `cuts` is the manifest (a Shar cuts shard, a NeMo/Lhotse manifest, a JSONL or text file); `fields` maps a
-    Shar field name (`recording`, `target_audio`) or `tar` to the tar read along with it.
+    Shar field name (`recording`, `target_audio`, `target_codes`) or `tar` to the tar read along with it.
     """
 
     cuts: str
@@ -98,6 +98,7 @@ class SharCut:
     encoded: Any = None  # the collator's tokenisation, kept from measuring `lengths` so it is done once
     index: int = 0  # its position in the shard (set by orchestrator.data.inputs.read_records)
     unreadable: str | None = None  # why its audio cannot be read (decoding it fails with this, counted and skipped)
+    arrays: dict[str, TarEntry] = field(default_factory=dict)  # non-audio fields read with the shard (target_codes)
 
     @property
     def is_conversation(self) -> bool:

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.data.codes import CODES_FIELD
 from orchestrator.data.records import SharCut, Shard, TarEntry
 from orchestrator.data.tar_members import TarFormatError, plain_tar_members
 from orchestrator.storage import filesystems
@@ -39,8 +40,11 @@ from orchestrator.storage.paths import is_url, join, local_path
 # `<field>[.<index>].<extension>`, e.g. cuts.000000.jsonl.gz, recording.000012.tar (lhotse also writes the
 # unsharded cuts.jsonl.gz / recording.tar). Field names never contain dots (lhotse's own rule).
 SHARD_NAME = re.compile(r"^(?P<field>[^./]+)(?:\.(?P<index>\d+))?\.(?P<ext>jsonl\.gz|jsonl|tar)$")
-# Fields the pipeline decodes. Other fields (features, custom arrays) are left unread.
+# Fields the pipeline decodes: audio, and the codec codes cached by `speechlm data add-codes`
+# (orchestrator.data.codes). Other fields (features, other custom arrays) are left unread.
 AUDIO_FIELDS = ("recording", "target_audio")
+ARRAY_FIELDS = (CODES_FIELD,)
+READ_FIELDS = AUDIO_FIELDS + ARRAY_FIELDS
 # Custom cut attribute holding a conversation's turns in Shar written by `data shar --type` (text turns, and audio
 # turns as [offset, offset + duration) spans of the cut's recording); read back as a conversation by `read_shard`.
 CONVERSATION_KEY = "conversation"
@@ -117,7 +121,7 @@ def discover_dir(path: str, input_index: int = 0) -> list[Shard]:
     """The shards of one Shar directory, in shard-number order, checked for completeness.
 
     Every field present must have exactly one file per cuts shard, with the same shard numbers; only the
-    audio fields (`recording`, `target_audio`) are kept for reading.
+    audio fields (`recording`, `target_audio`) and cached codes (`target_codes`) are kept for reading.
     """
     by_field = list_fields(path)
     cuts = by_field.pop("cuts", {})
@@ -132,9 +136,9 @@ def discover_dir(path: str, input_index: int = 0) -> list[Shard]:
             f"shar_path {path!r} has no recording.NNNNNN.tar files; the audio must be written into the Shar "
             "dataset (CutSet.to_shar(..., fields={'recording': 'flac'}))"
         )
-    audio = {f: files for f, files in by_field.items() if f in AUDIO_FIELDS}
+    read = {f: files for f, files in by_field.items() if f in READ_FIELDS}
     return [
-        Shard(cuts=cuts[i], fields={f: files[i] for f, files in audio.items()}, source=path, input_index=input_index)
+        Shard(cuts=cuts[i], fields={f: files[i] for f, files in read.items()}, source=path, input_index=input_index)
         for i in sorted(cuts)
     ]
 
@@ -182,10 +186,10 @@ def discover_field_lists(fields: Mapping[str, Sequence[str]], input_index: int =
         )
     if "recording" not in fields:
         raise SharLayoutError(f"shar_path field lists {sorted(fields)} have no 'recording' list; add recording: [...]")
-    audio = {f: list(p) for f, p in fields.items() if f in AUDIO_FIELDS}
+    read = {f: list(p) for f, p in fields.items() if f in READ_FIELDS}
     source = f"{{cuts: [{cuts[0]}, ...]}}" if cuts else "{cuts: []}"
     return [
-        Shard(cuts=str(c), fields={f: str(p[i]) for f, p in audio.items()}, source=source, input_index=input_index)
+        Shard(cuts=str(c), fields={f: str(p[i]) for f, p in read.items()}, source=source, input_index=input_index)
         for i, c in enumerate(cuts)
     ]
 
@@ -362,6 +366,7 @@ def read_shard(
     out: list[SharCut] = []
     for idx, cut in enumerate(cuts):
         audio: dict[str, TarEntry] = {}
+        arrays: dict[str, TarEntry] = {}
         for name, entries in fields.items():
             entry = entries[idx]
             if entry.cut_id != cut.get("id"):
@@ -370,8 +375,11 @@ def read_shard(
                     f"{cut.get('id')!r}; the {name} tar and the cuts manifest are out of step"
                 )
             if entry.data is not None:
-                audio[name] = entry
+                (arrays if name in ARRAY_FIELDS else audio)[name] = entry
         record = record_from_cut(cut, shard, item, audio)
+        record.arrays = arrays
+        if CODES_FIELD in fields and CODES_FIELD not in arrays:  # add-codes could not read its target_audio
+            record.unreadable = f"it has no {CODES_FIELD} in {shard.fields[CODES_FIELD]} (its target_audio was unreadable)"
         if CONVERSATION_KEY in record.custom:
             try:
                 _as_conversation(record, record.custom.pop(CONVERSATION_KEY))
