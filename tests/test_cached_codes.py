@@ -8,6 +8,7 @@ import io
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,9 @@ from speech_models.testing import build_tiny_codec_dir, tiny_duplex_model_config
 SOURCE_RATE, TARGET_RATE = 16000, 22050
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def s2s_dir(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the tiny demo's S2S train split (shards of 20 cuts) to write codes into."""
+    """A fresh copy of the tiny demo's S2S train split (shards of 20 cuts) to write codes into."""
     out = tmp_path_factory.mktemp("codes") / "train"
     shutil.copytree(tiny_demo / "s2s" / "train", out)
     return out
@@ -135,3 +136,29 @@ def test_add_codes_cli_names_a_bad_path(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert f"{tmp_path / 'nope'} is not a directory" in result.stderr
+
+
+def test_inspect_checks_cached_codes_as_arrays(tiny_demo: Path, s2s_dir: Path, tmp_path: Path) -> None:
+    from orchestrator.data.inspect import inspect_shar
+
+    add_codes(str(s2s_dir), str(tiny_demo / "codec"), workers=1, progress=lambda _: None)
+    report = inspect_shar(s2s_dir)
+    assert report.ok, report.problems
+    assert CODES_FIELD in report.fields
+
+    # A codes member swapped for a pickled object array is named, and never unpickled.
+    broken = tmp_path / "broken"
+    shutil.copytree(s2s_dir, broken)
+    tar_path = sorted(broken.glob("target_codes.*.tar"))[0]
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    payload = io.BytesIO()
+    np.save(payload, np.array([{"run": "code"}], dtype=object), allow_pickle=True)
+    with tarfile.open(tar_path, "w") as tar:
+        for index, (member, data) in enumerate(members):
+            data = payload.getvalue() if index == 0 else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    report = inspect_shar(broken)
+    assert not report.ok
+    assert "does not load as a .npy array" in " ".join(report.problems)

@@ -203,5 +203,6 @@ def test_duplex_on_your_own_conversations_runs_as_written(tiny_demo, stand_ins, 
     assert set(sample) == set(records[0]) and set(sample["turns"][0]) == set(records[0]["turns"][0])
     outputs = run_blocks(blocks_of("### Duplex"), tmp_path, stand_ins)
     check_train_output(outputs)
+    assert list((tmp_path / "shar" / "s2s_train").glob("target_codes.*.tar"))  # `data add-codes`: trained on codes
     assert list((tmp_path / "replies").glob("*.agent.wav"))
     assert (tmp_path / "reply.wav").is_file()

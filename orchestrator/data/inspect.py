@@ -187,9 +187,31 @@ def _audio_problem(data: bytes, manifest: dict) -> str | None:
     return None
 
 
+def _array_problem(data: bytes) -> str | None:
+    """Why an array member (cached codec codes, features) does not load, or None. `.npy` members are loaded
+    without pickles; other encodings (lilcom) are left to lhotse."""
+    import numpy as np
+
+    if not data.startswith(b"\x93NUMPY"):
+        return None
+    try:
+        np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # a damaged header, a pickled object array, a short file
+        return f"does not load as a .npy array ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    return None
+
+
+def _member_problem(data: bytes, manifest: dict) -> str | None:
+    """Why a data member is not what its manifest says: an array (its manifest has `array` or `storage_type`:
+    lhotse's Array, TemporalArray, Features) or audio (a Recording)."""
+    if "array" in manifest or "storage_type" in manifest:
+        return _array_problem(data)
+    return _audio_problem(data, manifest)
+
+
 def _read_tar_shard(fs, field_name: str, path: str, result: _ShardResult, decode: bool) -> list[str] | None:
     """Ids of the data members of a field tar, in order; reads every byte to catch truncation, and with `decode`
-    decodes every audio member."""
+    decodes every member (audio, or arrays such as cached codec codes)."""
     ids: list[str] = []
     bad: list[str] = []
     try:
@@ -202,7 +224,7 @@ def _read_tar_shard(fs, field_name: str, path: str, result: _ShardResult, decode
                 # Placeholders (`.nodata`: a cut without this field, e.g. a text-only cut) keep their cut's place.
                 ids.append(entry.cut_id)
                 if entry.data is not None:
-                    if decode and (problem := _audio_problem(entry.data, manifest)):
+                    if decode and (problem := _member_problem(entry.data, manifest)):
                         bad.append(f"cut {entry.cut_id!r} {problem}")
     except (OSError, EOFError, tarfile.TarError, ValueError, RuntimeError) as err:
         result.problems.append(
@@ -213,7 +235,7 @@ def _read_tar_shard(fs, field_name: str, path: str, result: _ShardResult, decode
     if bad:
         more = f"; and {len(bad) - _SHOWN_BAD_CUTS} more" if len(bad) > _SHOWN_BAD_CUTS else ""
         result.problems.append(
-            f"{field_name} shard {path}: {len(bad)} undecodable or damaged audio member(s): "
+            f"{field_name} shard {path}: {len(bad)} undecodable or damaged member(s): "
             + "; ".join(bad[:_SHOWN_BAD_CUTS])
             + more
             + "; re-create the shard from the source audio"
