@@ -162,3 +162,17 @@ def test_inspect_checks_cached_codes_as_arrays(tiny_demo: Path, s2s_dir: Path, t
     report = inspect_shar(broken)
     assert not report.ok
     assert "does not load as a .npy array" in " ".join(report.problems)
+
+
+def test_a_corrupt_shard_is_counted_and_the_set_stays_whole(tiny_demo: Path, s2s_dir: Path) -> None:
+    tars = sorted(s2s_dir.glob("target_audio.*.tar"))
+    assert len(tars) >= 2
+    tars[0].write_bytes(tars[0].read_bytes()[:3000])  # truncated mid-member
+
+    summary = add_codes(str(s2s_dir), str(tiny_demo / "codec"), workers=1, progress=lambda _: None)
+
+    assert len(summary.corrupt_shards[str(s2s_dir)]) == 1 and tars[0].name in summary.corrupt_shards[str(s2s_dir)][0]
+    assert summary.written[str(s2s_dir)] > 0  # the other shards' cuts
+    assert len(list(s2s_dir.glob("target_codes.*.tar"))) == len(tars)  # one per shard: the set still reads
+    discover_dir(str(s2s_dir))
+    assert "corrupt shard(s)" in summary.format()

@@ -82,6 +82,7 @@ class CodesSummary:
     written: dict[str, int] = field(default_factory=dict)  # directory -> cuts encoded
     skipped_current: list[str] = field(default_factory=list)  # directories whose codes were already this codec's
     unreadable: dict[str, list[str]] = field(default_factory=dict)  # directory -> cuts whose audio failed
+    corrupt_shards: dict[str, list[str]] = field(default_factory=dict)  # directory -> why each shard was unreadable
     seconds: float = 0.0
 
     def format(self) -> str:
@@ -92,6 +93,8 @@ class CodesSummary:
             lines.append(
                 f"{len(cuts):>7} cuts without codes (target_audio unreadable; training skips them) in {d}: {shown}"
             )
+        for d, reasons in self.corrupt_shards.items():
+            lines.append(f"{len(reasons):>7} corrupt shard(s) in {d}, no codes for their cuts: " + "; ".join(reasons))
         lines.append(f"done in {self.seconds:.1f} s")
         return "\n".join(lines)
 
@@ -125,18 +128,37 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _encode_shard(job: tuple[Any, str]) -> tuple[int, list[str]]:
-    """Encode one shard's target_audio into the tar `out_path`: (cuts encoded, ids of cuts without usable audio)."""
+def _add_placeholder(tar: tarfile.TarFile, cut_id: str) -> None:
+    """Shar's entry for a cut without this field: training counts and skips such a cut."""
+    _add_member(tar, f"{cut_id}.nodata", b"")
+    _add_member(tar, f"{cut_id}.nometa", b"")
+
+
+def _encode_shard(job: tuple[Any, str]) -> tuple[int, list[str], str | None]:
+    """Encode one shard's target_audio into the tar `out_path`: (cuts encoded, ids of cuts without usable audio,
+    why the whole shard could not be read or None). A corrupt shard gets placeholders for the cuts its manifest
+    names (an empty tar if the manifest is unreadable too), so the set keeps one codes tar per shard and training
+    skips and counts those cuts as it would without codes."""
     import torch
 
     from orchestrator.data.audio import decode_audio
-    from orchestrator.data.shar import read_shard
+    from orchestrator.data.shar import CorruptShardError, read_shard
 
     shard, out_path = job
     codec = _worker_codec
     encoded, unreadable = 0, []
     with tarfile.open(out_path, "w") as tar:
-        for record in read_shard(shard):
+        try:
+            records = read_shard(shard)
+        except CorruptShardError as exc:
+            try:
+                ids = [record.id for record in read_shard(shard, with_audio=False)]
+            except CorruptShardError:
+                ids = []
+            for cut_id in ids:
+                _add_placeholder(tar, cut_id)
+            return 0, ids, str(exc)
+        for record in records:
             entry = record.audio.get("target_audio")
             try:
                 if entry is None or entry.data is None:
@@ -148,8 +170,7 @@ def _encode_shard(job: tuple[Any, str]) -> tuple[int, list[str]]:
                     )
             except Exception as exc:  # counted and reported: the cut gets no codes, as it has no usable audio
                 logger.warning("cut %s of %s: no codes (%s: %s)", record.id, shard.cuts, type(exc).__name__, exc)
-                _add_member(tar, f"{record.id}.nodata", b"")
-                _add_member(tar, f"{record.id}.nometa", b"")
+                _add_placeholder(tar, record.id)
                 unreadable.append(record.id)
                 continue
             array = codes[0].numpy().astype(np.int32)  # (T, K); the codebooks' ids fit int32 with room to spare
@@ -158,7 +179,7 @@ def _encode_shard(job: tuple[Any, str]) -> tuple[int, list[str]]:
             _add_member(tar, f"{record.id}.npy", data.getvalue())
             _add_member(tar, f"{record.id}.json", _codes_manifest(array.shape, codec.frame_length, codec.fingerprint))
             encoded += 1
-    return encoded, unreadable
+    return encoded, unreadable, None
 
 
 def _fingerprint_of(shards: list[Any]) -> str | None:
@@ -248,10 +269,12 @@ def _encode_directory(
         for s, n in zip(shards, names, strict=True)
     ]
     try:
-        for n, (encoded, unreadable) in enumerate(pool.map(_encode_shard, jobs), start=1):
+        for n, (encoded, unreadable, corrupt) in enumerate(pool.map(_encode_shard, jobs), start=1):
             summary.written[directory] = summary.written.get(directory, 0) + encoded
             if unreadable:
                 summary.unreadable.setdefault(directory, []).extend(unreadable)
+            if corrupt:
+                summary.corrupt_shards.setdefault(directory, []).append(corrupt)
             progress(f"  {directory}: {n}/{len(jobs)} shards")
         for name in names:
             os.replace(aside / name, final / name)
