@@ -28,29 +28,15 @@ PRETRAINED = ROOT / "configs" / "demo" / "pretrained"
 
 
 def demo_model(codec_dir: Path, device: str):
-    from speech_models.config import ConformerConfig, ModelConfig, PerceptionConfig, PreprocessorConfig
+    """The demo duplex recipe's model: the encoder's architecture and weights come from the shipped .nemo archive."""
+    from speech_models.config import ModelConfig
     from speech_models.duplex_s2s import DuplexS2SModel
 
-    encoder = ConformerConfig(
-        feat_in=64,
-        n_layers=4,
-        d_model=128,
-        n_heads=4,
-        subsampling="dw_striding",
-        subsampling_factor=8,
-        subsampling_conv_channels=128,
-        ff_expansion_factor=4,
-        conv_kernel_size=9,
-        conv_norm_type="batch_norm",
-    )
     cfg = ModelConfig(
         pretrained_llm=str(PRETRAINED / "llm"),
         pretrained_asr=str(PRETRAINED / "asr_ctc.nemo"),
         pretrained_audio_codec=str(codec_dir),
         freeze_params=[r"^audio_codec\..+$", r"^perception\.encoder\..+$"],
-        perception=PerceptionConfig(
-            preprocessor=PreprocessorConfig(features=64, normalize="per_feature"), encoder=encoder
-        ),
     )
     return DuplexS2SModel(cfg).to(device).train()
 
