@@ -379,7 +379,9 @@ def read_shard(
         record = record_from_cut(cut, shard, item, audio)
         record.arrays = arrays
         if CODES_FIELD in fields and CODES_FIELD not in arrays:  # add-codes could not read its target_audio
-            record.unreadable = f"it has no {CODES_FIELD} in {shard.fields[CODES_FIELD]} (its target_audio was unreadable)"
+            record.unreadable = (
+                f"it has no {CODES_FIELD} in {shard.fields[CODES_FIELD]} (add-codes could not read its target_audio)"
+            )
         if CONVERSATION_KEY in record.custom:
             try:
                 _as_conversation(record, record.custom.pop(CONVERSATION_KEY))
