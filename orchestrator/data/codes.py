@@ -18,7 +18,6 @@ import io
 import json
 import logging
 import multiprocessing
-import os
 import tarfile
 import time
 from collections.abc import Callable
@@ -189,8 +188,8 @@ def _fingerprint_of(shards: list[Any]) -> str | None:
     for shard in shards:
         if CODES_FIELD not in shard.fields:
             return None
-        with open(shard.fields[CODES_FIELD], "rb") as f:
-            for entry in iter_tar_entries(f.read()):
+        with open(shard.fields[CODES_FIELD], "rb") as f:  # streamed: only up to the first cut with codes
+            for entry in iter_tar_entries(f):
                 if entry.data is not None:
                     return codes_fingerprint(entry.manifest)
     return None
@@ -207,7 +206,7 @@ def add_codes(
     """Encode the `target_audio` of every Shar directory at or below `path` (local) with `codec`.
 
     A directory whose codes this codec already made is skipped; codes of another codec are replaced only with
-    `overwrite`. A directory's tars are written aside (`.<name>.target_codes.partial` beside it) and moved in
+    `overwrite`. A directory's tars are written aside (`.<name>.partial` beside it) and moved in
     once all of them are complete: an interrupted run leaves the directory as it was.
     """
     from orchestrator.data.shar import discover_dir, find_shar_dirs
@@ -248,27 +247,27 @@ def add_codes(
     return summary
 
 
+def _is_codes_tar(name: str) -> bool:
+    return name.startswith(f"{CODES_FIELD}.") and name.endswith(".tar")
+
+
 def _encode_directory(
     pool: ProcessPoolExecutor, directory: str, shards: list[Any], summary: CodesSummary, progress: Callable
 ) -> None:
-    """Encode one directory's shards aside, then move the tars in (replacing older codes)."""
-    import shutil
-
+    """Encode one directory's shards aside, then move the tars in (replacing older codes) with the project's
+    atomic directory writer: an interrupted run leaves the directory as it was."""
     from orchestrator.data.shar import shard_index
+    from orchestrator.storage.atomic import atomic_dir
 
-    final = Path(directory)
-    aside = final.parent / f".{final.name}.{CODES_FIELD}.partial"
-    shutil.rmtree(aside, ignore_errors=True)  # left by an interrupted run: ours, and incomplete
-    aside.mkdir()
     names = []
     for shard in shards:
         index = shard_index(shard.cuts.rsplit("/", 1)[-1])
         names.append(f"{CODES_FIELD}.tar" if index is None or index < 0 else f"{CODES_FIELD}.{index:06d}.tar")
-    jobs = [
-        (replace(s, fields={"target_audio": s.fields["target_audio"]}), str(aside / n))
-        for s, n in zip(shards, names, strict=True)
-    ]
-    try:
+    with atomic_dir(directory, merge_into_existing=True, replace=_is_codes_tar) as aside:
+        jobs = [
+            (replace(s, fields={"target_audio": s.fields["target_audio"]}), str(aside / n))
+            for s, n in zip(shards, names, strict=True)
+        ]
         for n, (encoded, unreadable, corrupt) in enumerate(pool.map(_encode_shard, jobs), start=1):
             summary.written[directory] = summary.written.get(directory, 0) + encoded
             if unreadable:
@@ -276,7 +275,3 @@ def _encode_directory(
             if corrupt:
                 summary.corrupt_shards.setdefault(directory, []).append(corrupt)
             progress(f"  {directory}: {n}/{len(jobs)} shards")
-        for name in names:
-            os.replace(aside / name, final / name)
-    finally:
-        shutil.rmtree(aside, ignore_errors=True)
